@@ -1,0 +1,89 @@
+"""Command line of the training job: `python -m training COMMAND --help`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.data import DataError, DownloadedMnist, IdxDirectory
+from training.export import ExportError
+from training.train import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def positive(kind: type, words: str):
+    """An argparse type that names what it wants instead of 'invalid int value'."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = positive(int, "a positive whole number")
+positive_float = positive(float, "a positive number")
+
+
+def add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train the CNN, export and verify TorchScript, write metrics and plots",
+        description="Train the MNIST CNN, export it to TorchScript (verified against the eager model on the "
+        "whole test set) and write model.pt, metrics.json, training-curve.png and confusion-matrix.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="passes over the training images")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images per optimiser step")
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate of the one-cycle schedule")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="same seed, data and device give the same model")
+    parser.add_argument("--device", default=DEFAULTS.device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=Path("artifacts"), help="where model.pt, metrics.json and the plots go")
+    parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from a checkpoint.pt (model and optimiser state)")
+    parser.add_argument("--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)")
+    parser.add_argument("--val-size", type=int, default=DEFAULTS.val_size, help="training images held out for the per-epoch validation line")
+    parser.add_argument("--train-limit", type=positive_int, help="train on the first N images only (quick trials)")
+    parser.add_argument("--no-augment", action="store_true", help="no random rotations, scalings and shifts")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from training import job  # torch imports are slow; --help should not wait for them
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        val_size=args.val_size, train_limit=args.train_limit, augment=not args.no_augment,
+    )
+    source = IdxDirectory(args.data_dir) if args.data_dir else DownloadedMnist()
+    resume = job.load_checkpoint(args.resume, config) if args.resume else None
+    metrics = job.run(source, config, args.out, resume)
+    print(
+        f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) after {metrics['epochs']} epochs "
+        f"in {metrics['train_seconds']:.0f} s; wrote {args.out}/model.pt, metrics.json, training-curve.png, confusion-matrix.png"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train(commands)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, ExportError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is in checkpoint.pt (use --resume)", file=sys.stderr)
+        return 130
+    return 0

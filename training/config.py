@@ -1,0 +1,10 @@
+"""Every setting the package reads from the environment, with its default, in one place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Downloads and builds live outside the checkout so a fresh clone reuses them."""
+    return Path(os.environ.get("MNIST_SERVE_CACHE", Path.home() / ".cache" / "mnist-serve"))
