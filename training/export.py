@@ -47,7 +47,7 @@ def export(model: nn.Module, images: torch.Tensor, path: Path) -> float:
     worst = verify(model, exported, images)
     tmp = path.with_name(f".{path.name}.tmp")
     exported.save(str(tmp))
-    verify(model, torch.jit.load(str(tmp)), images)  # what will be served is what was checked
+    verify(model, load(tmp), images)  # what will be served is what was checked
     tmp.replace(path)
     return worst
 
