@@ -1,0 +1,177 @@
+"""TorchServe handler: MNIST digit images or pixel arrays in, the digit and its probabilities out."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+# TorchServe imports this file as a top-level module from the unpacked archive, with inputs.py
+# (an --extra-files entry) beside it; the repository and its tests import it as handler.*.
+if __package__:
+    from .inputs import SIDE, BadInput, DecodedBatch, DecodedRequest, Limits, decode_batch
+else:  # pragma: no cover - only inside a TorchServe worker
+    from inputs import SIDE, BadInput, DecodedBatch, DecodedRequest, Limits, decode_batch
+
+logger = logging.getLogger(__name__)
+
+CLASS_COUNT = 10
+DIGITS = tuple(str(digit) for digit in range(CLASS_COUNT))
+JSON = "application/json"
+
+
+class MnistHandler(BaseHandler):
+    """Decode every request of a batch, run one forward pass for all their images, answer each.
+
+    TorchServe requires this to be the only class in the module: helpers are functions.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.limits = Limits()
+        self.class_names = DIGITS
+
+    def initialize(self, context) -> None:
+        self.context = context
+        properties = context.system_properties
+        self.device = select_device(properties, torch.cuda.is_available())
+        if self.device.type == "cpu":
+            # Throughput comes from several workers and batching; intra-op threads inside each
+            # worker only fight the other workers for the same cores.
+            torch.set_num_threads(1)
+        self.manifest = context.manifest
+        model_dir = properties["model_dir"]
+        self.model_pt_path = os.path.join(model_dir, self.manifest["model"].get("serializedFile", "model.pt"))
+        self.model = torch.jit.load(self.model_pt_path, map_location=self.device)
+        self.model.eval()
+        self.class_names = read_class_names(os.path.join(model_dir, "index_to_name.json"))
+        settings = handler_settings(context)
+        self.limits = limits_from(settings)
+        if settings.get("warmup", True):
+            self.warm_up(int(properties.get("batch_size") or 1))
+        self.initialized = True
+        logger.info("loaded %s on %s, limits %s", self.model_pt_path, self.device, self.limits)
+
+    def warm_up(self, batch_size: int) -> None:
+        """Check the model keeps the contract (N x 10 logits) and let TorchScript optimise
+        before the first real request rather than during it."""
+        for size in sorted({1, batch_size}):
+            for _ in range(2):  # TorchScript profiles the first run and optimises on the second
+                probabilities = self.classify(np.zeros((size, SIDE, SIDE), dtype=np.float32))
+            if probabilities.shape != (size, CLASS_COUNT) or not np.isfinite(probabilities).all():
+                raise RuntimeError(
+                    f"{self.model_pt_path} answered {size} blank images with shape "
+                    f"{tuple(probabilities.shape)}; the handler needs N x {CLASS_COUNT} finite "
+                    "logits: is this the MNIST model?"
+                )
+
+    def preprocess(self, data: Sequence[Mapping[str, Any]]) -> DecodedBatch:
+        return decode_batch([request_body(request) for request in data], self.limits)
+
+    def inference(self, batch: DecodedBatch, *args, **kwargs) -> tuple[DecodedBatch, np.ndarray]:
+        # The layout travels with the probabilities: BaseHandler.handle hands postprocess only
+        # what inference returns.
+        return batch, self.classify(batch.images)
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """N x 28 x 28 float32 MNIST-style images -> N x 10 class probabilities, in one forward pass."""
+        if len(images) == 0:  # every request of the batch was bad
+            return np.empty((0, CLASS_COUNT), dtype=np.float32)
+        pixels = torch.from_numpy(images).unsqueeze(1).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(pixels)
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def postprocess(self, scored: tuple[DecodedBatch, np.ndarray]) -> list[str]:
+        """One JSON text per request, same order; a failed request gets its own status and error."""
+        batch, probabilities = scored
+        answers = []
+        first = 0
+        for index, outcome in enumerate(batch.outcomes):
+            self.context.set_response_content_type(index, JSON)
+            if isinstance(outcome, DecodedRequest):
+                rows = probabilities[first : first + len(outcome.images)]
+                first += len(outcome.images)
+                predictions = [answer(row, self.class_names) for row in rows]
+                body = {"predictions": predictions} if outcome.instances else predictions[0]
+                # TorchServe sends an empty reason phrase ("HTTP/1.1 200 ") unless told one.
+                self.context.set_response_status(200, "OK", idx=index)
+            else:
+                status, reason, body = error_answer(outcome)
+                self.context.set_response_status(status, reason, idx=index)
+            answers.append(json.dumps(body))
+        return answers
+
+
+def select_device(properties: Mapping[str, Any], cuda_available: bool) -> torch.device:
+    """The GPU TorchServe assigned to this worker when there is one, else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if cuda_available and gpu_id is not None:
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def handler_settings(context) -> Mapping[str, Any]:
+    """The `handler:` section of model-config.yaml (empty when there is none)."""
+    config = getattr(context, "model_yaml_config", None) or {}
+    return config.get("handler") or {}
+
+
+def limits_from(settings: Mapping[str, Any]) -> Limits:
+    unknown = set(settings) - set(vars(Limits())) - {"warmup", "profile"}
+    if unknown:  # most likely a misspelt limit, which would otherwise silently stay at its default
+        logger.warning("model-config.yaml handler: ignoring unknown settings %s", sorted(unknown))
+    values = {}
+    for name, default in vars(Limits()).items():
+        value = settings.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"model-config.yaml handler.{name} must be a positive integer, not {value!r}")
+        values[name] = value
+    return Limits(**values)
+
+
+def read_class_names(path: str) -> tuple[str, ...]:
+    """Class names from index_to_name.json ({"0": "0", ...}); the digits when there is no file."""
+    if not os.path.exists(path):
+        return DIGITS
+    with open(path, encoding="utf-8") as file:
+        mapping = json.load(file)
+    try:
+        names = tuple(str(mapping[str(index)]) for index in range(CLASS_COUNT))
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} must map each of \"0\"..\"9\" to a class name") from None
+    return names
+
+
+def request_body(request: Mapping[str, Any]) -> Any:
+    """The payload of one TorchServe request: the raw body, or the one form field sent."""
+    for key in ("data", "body"):
+        if key in request:
+            return request[key]
+    # multipart/form-data arrives keyed by the field's name, whatever the client called it
+    return next(iter(request.values())) if len(request) == 1 else None
+
+
+def answer(probabilities: np.ndarray, class_names: Sequence[str] = DIGITS) -> dict[str, Any]:
+    """The answer for one image: {"digit": 7, "confidence": 0.98, "probabilities": {"0": ..., "9": ...}}."""
+    digit = int(np.argmax(probabilities))
+    return {
+        "digit": digit,
+        "confidence": round(float(probabilities[digit]), 6),
+        # Six decimals: enough for any decision, and the JSON stays short at thousands of answers a second.
+        "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, probabilities.tolist())},
+    }
+
+
+def error_answer(error: Exception) -> tuple[int, str, dict[str, Any]]:
+    """HTTP status, reason phrase and JSON body for a request that could not be answered."""
+    if isinstance(error, BadInput):
+        logger.debug("bad request: %s", error)
+        return error.status, error.reason, {"error": str(error), "code": error.status}
+    logger.error("decoding a request failed", exc_info=error)
+    message = "the server failed to process this request; its log has the details"
+    return 500, "Internal Server Error", {"error": message, "code": 500}
