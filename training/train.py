@@ -22,7 +22,7 @@ from training.model import Net
 class TrainConfig:
     """Every knob of a training run; the CLI flags map onto these one to one."""
 
-    epochs: int = 8
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 0.01
     seed: int = 1
