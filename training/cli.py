@@ -5,8 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.data import DataError, DownloadedMnist, IdxDirectory
+from training import cassandra_cli
+from training.data import DataError
+from training.db import DatabaseError
 from training.export import ExportError
+from training.registry import RegistryError
 from training.train import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -45,11 +48,12 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="same seed, data and device give the same model")
     parser.add_argument("--device", default=DEFAULTS.device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="where model.pt, metrics.json and the plots go")
-    parser.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from a checkpoint.pt (model and optimiser state)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt (model and optimiser state), or from the database: cassandra:RUN_ID[@EPOCH]")
     parser.add_argument("--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)")
     parser.add_argument("--val-size", type=int, default=DEFAULTS.val_size, help="training images held out for the per-epoch validation line")
     parser.add_argument("--train-limit", type=positive_int, help="train on the first N images only (quick trials)")
     parser.add_argument("--no-augment", action="store_true", help="no random rotations, scalings and shifts")
+    cassandra_cli.add_train_options(parser)
     parser.set_defaults(run=run_train)
 
 
@@ -60,9 +64,10 @@ def run_train(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
         val_size=args.val_size, train_limit=args.train_limit, augment=not args.no_augment,
     )
-    source = IdxDirectory(args.data_dir) if args.data_dir else DownloadedMnist()
-    resume = job.load_checkpoint(args.resume, config) if args.resume else None
-    metrics = job.run(source, config, args.out, resume)
+    with cassandra_cli.train_database(args) as session:  # None unless a flag needs the database
+        source = cassandra_cli.train_source(args, session)
+        resume = cassandra_cli.train_resume(args, session, config)
+        metrics = job.run(source, config, args.out, resume, on_epoch=cassandra_cli.train_checkpoints(args, session, config))
     print(
         f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) after {metrics['epochs']} epochs "
         f"in {metrics['train_seconds']:.0f} s; wrote {args.out}/model.pt, metrics.json, training-curve.png, confusion-matrix.png"
@@ -73,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train(commands)
+    cassandra_cli.add_commands(commands, positive_int)
     return top
 
 
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, ExportError, ValueError) as error:
+    except (DataError, ExportError, ValueError, DatabaseError, RegistryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,16 +35,27 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict:
         raise ValueError(f"--resume {path}: no such checkpoint file") from None
     except Exception as error:  # torch raises many kinds for a damaged file
         raise ValueError(f"--resume {path}: not a readable checkpoint ({error})") from None
+    return check_resumable(checkpoint, config, path)
+
+
+def check_resumable(checkpoint: dict, config: TrainConfig, name) -> dict:
+    """A checkpoint from a file or the database must belong to a run with this many epochs."""
     planned = checkpoint.get("config", {}).get("epochs", config.epochs)
     if planned != config.epochs:
         raise ValueError(
-            f"--resume {path}: the checkpoint belongs to a {planned}-epoch run (its learning-rate schedule "
+            f"--resume {name}: the checkpoint belongs to a {planned}-epoch run (its learning-rate schedule "
             f"spans {planned} epochs); resume with --epochs {planned}"
         )
     return checkpoint
 
 
-def run(source: MnistSource, config: TrainConfig, out: Path, resume: dict | None = None) -> dict:
+def run(
+    source: MnistSource,
+    config: TrainConfig,
+    out: Path,
+    resume: dict | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
+) -> dict:
     """Train, test, export and verify; then move every output into `out` at once. Returns the metrics."""
     started = time.perf_counter()
     mnist = source.load()
@@ -52,7 +64,13 @@ def run(source: MnistSource, config: TrainConfig, out: Path, resume: dict | None
         file=sys.stderr,
     )
     out.mkdir(parents=True, exist_ok=True)
-    state = train(mnist, config, resume, on_epoch=lambda s: save_checkpoint(s, config, out / CHECKPOINT_FILE))
+
+    def checkpoint(state: TrainState) -> None:
+        save_checkpoint(state, config, out / CHECKPOINT_FILE)
+        if on_epoch is not None:  # e.g. the database as well (--checkpoints cassandra)
+            on_epoch(state)
+
+    state = train(mnist, config, resume, on_epoch=checkpoint)
     train_seconds = time.perf_counter() - started
 
     test_x, test_y = to_tensors(mnist.test_images, mnist.test_labels)

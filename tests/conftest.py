@@ -1,0 +1,104 @@
+"""Fixtures for the database tests: the real local Cassandra node and a fresh keyspace per test run."""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Astra variables are dropped so a developer's Astra credentials never point the tests at Astra.
+LOCAL_ENV = {key: value for key, value in os.environ.items() if not key.startswith("ASTRA_DB_")}
+
+
+def cassandra_script(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "scripts" / "cassandra.sh"), command], capture_output=True, text=True, timeout=timeout, env=LOCAL_ENV)
+
+
+@pytest.fixture(scope="session")
+def cassandra_settings():
+    """Settings for a local node (CASSANDRA_HOSTS/PORT as the developer set them) and a keyspace
+    of this run's own, so tests never touch the `mnist` keyspace and can run side by side.
+    A node the tests had to start is stopped again at the end; one already running stays."""
+    from training.config import cassandra_settings as from_environment
+
+    was_running = cassandra_script("status").returncode == 0
+    started = cassandra_script("up")
+    if started.returncode != 0:
+        pytest.fail(f"scripts/cassandra.sh up failed:\n{started.stdout}{started.stderr}")
+    yield replace(from_environment(LOCAL_ENV), keyspace=f"test_{os.getpid()}_{secrets.token_hex(3)}")
+    if not was_running:
+        cassandra_script("down")
+
+
+@pytest.fixture(scope="session")
+def cassandra(cassandra_settings):
+    """A session on the fresh test keyspace with the schema applied; the keyspace is dropped at the end."""
+    from training import db
+
+    with db.connect(cassandra_settings) as session:
+        try:
+            yield session
+        finally:
+            session.execute(f"DROP KEYSPACE IF EXISTS {cassandra_settings.keyspace}")
+
+
+@pytest.fixture(scope="session")
+def cassandra_env(cassandra, cassandra_settings) -> dict[str, str]:
+    """Environment for a subprocess (a CLI run) that should use the test keyspace."""
+    return {**LOCAL_ENV, "CASSANDRA_KEYSPACE": cassandra_settings.keyspace}
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from training.data import load_mnist
+
+    return load_mnist()
+
+
+@pytest.fixture(scope="session")
+def full_load(cassandra_env) -> subprocess.CompletedProcess:
+    """All 70,000 images (and 1,000 to predict) loaded into the blob layout once, by the CLI."""
+    return run_cli(cassandra_env, "training", "load-data", "--predict", "1000")
+
+
+@pytest.fixture(scope="session")
+def model_archive(tmp_path_factory) -> Path:
+    """A real .mar from torch-model-archiver around a scripted (untrained, seeded) MNIST Net."""
+    import torch
+
+    from training import export
+    from training.model import Net
+
+    directory = tmp_path_factory.mktemp("mar")
+    torch.manual_seed(0)
+    export.script(Net()).save(str(directory / "model.pt"))
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    subprocess.run(
+        [str(archiver), "--model-name", "mnist", "--version", "1.0", "--serialized-file", str(directory / "model.pt"),
+         "--handler", "image_classifier", "--export-path", str(directory), "--force"],
+        check=True, capture_output=True, timeout=120,
+    )
+    return directory / "mnist.mar"
+
+
+@pytest.fixture(scope="session")
+def metrics_file(tmp_path_factory) -> Path:
+    """A metrics.json with the keys training/job.py writes and the registry records."""
+    import json
+
+    path = tmp_path_factory.mktemp("metrics") / "metrics.json"
+    path.write_text(json.dumps({
+        "test_accuracy": 0.9931, "test_loss": 0.0213, "epochs": 8, "parameters": {"epochs": 8, "lr": 0.01},
+        "data_fingerprint": "06b0d1f1" * 8, "git_commit": "0123abc", "torch_version": "2.14.1",
+    }))
+    return path
