@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is in checkpoint.pt (use --resume)", file=sys.stderr)
+        hint = "; the last finished epoch is in checkpoint.pt (use --resume)" if args.command == "train" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     return 0
