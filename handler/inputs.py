@@ -45,6 +45,9 @@ WHAT_TO_SEND = (
     'or {"instances": [...]} with several of those'
 )
 _LOOKS_LIKE_JSON = re.compile(rb'\s*[\[{"]')
+# curl -d / --data-binary label a body so unless told otherwise, and TorchServe then parses it
+# into form fields: an image or JSON body arrives as no field at all.
+FORM_URLENCODED = "application/x-www-form-urlencoded"
 
 
 class BadInput(ValueError):
@@ -72,7 +75,7 @@ class UnsupportedContent(BadInput):
 class Limits:
     """What one request may ask of a worker; the defaults match handler/config.properties."""
 
-    max_body_bytes: int = 6_553_600  # TorchServe's max_request_size
+    max_body_bytes: int = 1_048_576  # max_request_size in config.properties
     max_image_pixels: int = 4096 * 4096  # checked from the header, before anything is decoded
     max_instances: int = 64
 
@@ -93,12 +96,13 @@ class DecodedBatch:
     outcomes: tuple[DecodedRequest | Exception, ...]  # per request: its images, or why it failed
 
 
-def decode_batch(bodies: Sequence[Any], limits: Limits = Limits()) -> DecodedBatch:
-    """Decode each body on its own, so one bad request fails alone and the rest are answered."""
+def decode_batch(bodies: Sequence[Any], limits: Limits = Limits(), content_types: Sequence[str] = ()) -> DecodedBatch:
+    """Decode each body on its own, so one bad request fails alone and the rest are answered.
+    content_types, when given, holds each request's Content-Type header ("" when it had none)."""
     outcomes: list[DecodedRequest | Exception] = []
-    for body in bodies:
+    for index, body in enumerate(bodies):
         try:
-            outcomes.append(decode_request(body, limits))
+            outcomes.append(decode_request(body, limits, content_types[index] if content_types else ""))
         except Exception as error:  # BadInput, or a bug here: either way only this request fails
             outcomes.append(error)
     images = [outcome.images for outcome in outcomes if isinstance(outcome, DecodedRequest)]
@@ -106,13 +110,20 @@ def decode_batch(bodies: Sequence[Any], limits: Limits = Limits()) -> DecodedBat
     return DecodedBatch(stacked, tuple(outcomes))
 
 
-def decode_request(body: Any, limits: Limits = Limits()) -> DecodedRequest:
+def decode_request(body: Any, limits: Limits = Limits(), content_type: str = "") -> DecodedRequest:
     """Decode a body as TorchServe hands it over: bytes, or str / dict / list already parsed."""
     if isinstance(body, (bytearray, memoryview)):
         body = bytes(body)
     if isinstance(body, str):
         body = body.encode("utf-8")
     if body is None or (isinstance(body, bytes) and not body.strip()):
+        if content_type.partition(";")[0].strip().lower() == FORM_URLENCODED:
+            raise UnsupportedContent(
+                f"the body was sent as {FORM_URLENCODED} (what curl -d and --data-binary send unless "
+                "told otherwise), which the server reads as form fields, so the image or JSON was lost: "
+                "send it with a Content-Type header such as application/octet-stream, image/png or "
+                "application/json (curl -H 'Content-Type: application/octet-stream' --data-binary @digit.png)"
+            )
         raise BadInput(f"the request body is empty: {WHAT_TO_SEND}")
     if isinstance(body, bytes):
         if len(body) > limits.max_body_bytes:

@@ -70,7 +70,8 @@ class MnistHandler(BaseHandler):
                 )
 
     def preprocess(self, data: Sequence[Mapping[str, Any]]) -> DecodedBatch:
-        return decode_batch([request_body(request) for request in data], self.limits)
+        content_types = [request_content_type(self.context, index) for index in range(len(data))]
+        return decode_batch([request_body(request) for request in data], self.limits, content_types)
 
     def inference(self, batch: DecodedBatch, *args, **kwargs) -> tuple[DecodedBatch, np.ndarray]:
         # The layout travels with the probabilities: BaseHandler.handle hands postprocess only
@@ -154,6 +155,17 @@ def request_body(request: Mapping[str, Any]) -> Any:
             return request[key]
     # multipart/form-data arrives keyed by the field's name, whatever the client called it
     return next(iter(request.values())) if len(request) == 1 else None
+
+
+def request_content_type(context, index: int) -> str:
+    """The Content-Type header of request `index` of the batch ("" when there is none)."""
+    processors = getattr(context, "request_processor", None) or ()
+    if index >= len(processors):
+        return ""
+    for name, value in context.get_all_request_header(index).items():
+        if name.lower() == "content-type" and isinstance(value, str):  # header names keep the client's case
+            return value
+    return ""
 
 
 def answer(probabilities: np.ndarray, class_names: Sequence[str] = DIGITS) -> dict[str, Any]:

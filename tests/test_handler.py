@@ -243,6 +243,18 @@ def test_a_bad_request_fails_alone_and_the_batch_is_answered(reader):
     assert context.get_response_status(4) == (415, "Unsupported Media Type")
 
 
+def test_a_form_encoded_request_is_told_to_set_its_content_type(reader):
+    handler, context = reader
+    requests = [{}, {"body": marked(4)}]  # a form-encoded image arrives as no field at all
+    context.request_processor = [
+        RequestProcessor({"Content-Type": "application/x-www-form-urlencoded"}),
+        RequestProcessor({"content-type": "application/json"}),
+    ]
+    answers = [json.loads(body) for body in handler.handle(requests, context)]
+    assert context.get_response_status(0) == (415, "Unsupported Media Type")
+    assert "Content-Type" in answers[0]["error"] and answers[1]["digit"] == 4
+
+
 def test_a_batch_of_only_bad_requests_is_answered_without_the_model(reader):
     handler, context = reader
     results = served(handler, context, [{"body": b"seven"}, {}])
@@ -253,10 +265,10 @@ def test_a_bug_in_decoding_fails_only_its_own_request(reader, monkeypatch):
     handler, context = reader
     decode = inputs.decode_request
 
-    def failing_on_sevens(body, limits):
+    def failing_on_sevens(body, *settings):
         if body == b"boom":
             raise RuntimeError("a bug")
-        return decode(body, limits)
+        return decode(body, *settings)
 
     monkeypatch.setattr(inputs, "decode_request", failing_on_sevens)
     results = served(handler, context, [{"body": marked(5)}, {"body": b"boom"}])

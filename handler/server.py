@@ -1,0 +1,249 @@
+"""Run TorchServe with the mnist archive: in the foreground for `make serve`, or as a context manager for tests and benchmarks."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+HANDLER_DIR = Path(__file__).resolve().parent
+CONFIG = HANDLER_DIR / "config.properties"
+LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per request
+MODEL_NAME = "mnist"
+READY_TIMEOUT_S = 180.0  # JVM start, two workers importing torch and warming up; minutes on a busy machine
+STOP_TIMEOUT_S = 30.0
+# A blank 28x28 pixel array: the cheapest request that goes all the way through a worker.
+PROBE = json.dumps([0] * 784).encode()
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start or did not answer; the message quotes its log."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """TorchServe's listening ports; the defaults are those in handler/config.properties."""
+
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Ports nothing listens on now, so a test server can run beside `make serve` or another test run."""
+        with contextlib.ExitStack() as stack:
+            sockets = [stack.enter_context(socket.socket()) for _ in fields(cls)]
+            for sock in sockets:  # all bound at once, so the kernel hands out distinct ports
+                sock.bind(("127.0.0.1", 0))
+            return cls(*(sock.getsockname()[1] for sock in sockets))
+
+
+def config_with_ports(ports: Ports, base: Path = CONFIG) -> str:
+    """The text of config.properties with its ports replaced and every other setting (and host) kept."""
+    text = base.read_text()
+    for key, port in (
+        ("inference_address", ports.inference),
+        ("management_address", ports.management),
+        ("metrics_address", ports.metrics),
+    ):
+        text, count = re.subn(rf"^({key}=\S+:)\d+$", rf"\g<1>{port}", text, flags=re.MULTILINE)
+        if count != 1:
+            raise ServerError(f"{base}: expected one line {key}=http://HOST:PORT")
+    # gRPC cannot be switched off; its ports are TorchServe's defaults unless set.
+    return text + f"\ngrpc_inference_port={ports.grpc_inference}\ngrpc_management_port={ports.grpc_management}\n"
+
+
+@dataclass
+class Server:
+    """A running TorchServe: where it answers, and its processes."""
+
+    process: subprocess.Popen  # the `torchserve --foreground` launcher, parent of the Java frontend
+    ports: Ports
+    log_dir: Path
+    host: str = "127.0.0.1"
+
+    def url(self, path: str = f"/predictions/{MODEL_NAME}", port: int | None = None) -> str:
+        return f"http://{self.host}:{port or self.ports.inference}{path}"
+
+    def frontend(self) -> psutil.Process:
+        """The Java frontend (HTTP, batching, worker management)."""
+        javas = [child for child in psutil.Process(self.process.pid).children() if child.name() == "java"]
+        if not javas:
+            raise ServerError(f"TorchServe's Java frontend is not running{log_tail(self.log_dir)}")
+        return javas[0]
+
+    def workers(self) -> list[psutil.Process]:
+        """The Python worker processes (each runs the handler), children of the frontend."""
+        workers = []
+        for child in self.frontend().children():
+            with contextlib.suppress(psutil.Error):  # a worker may exit while we look
+                if any(part.endswith("model_service_worker.py") for part in child.cmdline()):
+                    workers.append(child)
+        return workers
+
+
+def launch_command(archive: Path, config: Path) -> list[str]:
+    """torchserve in the foreground (the launcher waits for the JVM), no config snapshots, our logging, one model."""
+    launcher = Path(sys.executable).with_name("torchserve")
+    return [
+        str(launcher), "--start", "--foreground", "--ncs", "--ts-config", str(config), "--log-config", str(LOG_CONFIG),
+        "--model-store", str(archive.parent), "--models", f"{MODEL_NAME}={archive.name}",
+    ]
+
+
+def launch_environment(log_dir: Path, run_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        # TorchServe writes logs/ in its working directory unless told otherwise.
+        "LOG_LOCATION": str(log_dir),
+        "METRICS_LOCATION": str(log_dir),
+        # The launcher's pid file, the workers' Unix sockets (.ts.sock.9000, ...) and the unpacked
+        # archive go to the temporary directory (TEMP for the JVM, TMPDIR for Python): a private
+        # one lets several servers run side by side without taking each other's sockets.
+        "TEMP": str(run_dir),
+        "TMPDIR": str(run_dir),
+        # One intra-op thread per worker: the workers, not threads inside one, share the cores.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@contextlib.contextmanager
+def start_torchserve(
+    archive: Path,
+    log_dir: Path,
+    ports: Ports = Ports(),
+    config: Path = CONFIG,
+    console: bool = False,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Iterator[Server]:
+    """TorchServe serving `archive` as model mnist, answering predictions when this yields; stopped on exit.
+
+    `config` is used as it is for the default ports, else copied with the ports changed. With
+    console=False the console output goes to log_dir/console.log instead of this process's stdout.
+    """
+    archive, config = archive.resolve(), config.resolve()  # the launcher runs in a directory of its own
+    if not archive.is_file():
+        raise ServerError(f"{archive}: no such model archive; build one with `make archive`")
+    log_dir = log_dir.resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Short, under /tmp: a Unix socket path must stay under 108 bytes.
+    run_dir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+    try:
+        if ports != Ports():
+            text = config_with_ports(ports, config)
+            config = run_dir / "config.properties"
+            config.write_text(text)
+        output = None if console else (log_dir / "console.log").open("ab")
+        try:
+            process = subprocess.Popen(
+                launch_command(archive, config), cwd=run_dir, env=launch_environment(log_dir, run_dir),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
+                # Its own process group: stop() then reaches the JVM and the workers with one signal.
+                start_new_session=True,
+            )
+        finally:
+            if output:
+                output.close()
+        server = Server(process, ports, log_dir)
+        try:
+            wait_until_ready(server, ready_timeout)
+            yield server
+        finally:
+            stop(process)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def wait_until_ready(server: Server, timeout: float) -> None:
+    """Until /ping says Healthy and a prediction is answered (the workers have loaded the model)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise ServerError(f"TorchServe exited with code {server.process.returncode} while starting{log_tail(server.log_dir)}")
+        if ready(server):
+            return
+        if time.monotonic() > deadline:
+            raise ServerError(f"TorchServe did not answer predictions within {timeout:.0f} s{log_tail(server.log_dir)}")
+        time.sleep(0.25)
+
+
+def ready(server: Server) -> bool:
+    try:
+        with urllib.request.urlopen(server.url("/ping"), timeout=5) as answer:
+            if json.load(answer).get("status") != "Healthy":
+                return False
+        request = urllib.request.Request(server.url(), data=PROBE, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):  # refused, reset, 5xx (urllib.error.URLError is an OSError), not JSON yet
+        return False
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group (launcher, JVM, workers), SIGKILL whatever outlives the timeout."""
+    group = process.pid  # start_new_session made the launcher the group's leader
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(group, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    process.wait()
+
+
+def log_tail(log_dir: Path, lines: int = 30) -> str:
+    """The end of TorchServe's own log, for an error message."""
+    for name in ("ts_log.log", "console.log"):
+        path = log_dir / name
+        if path.exists() and path.stat().st_size:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            return f"; the end of {path}:\n" + "\n".join(tail)
+    return f"; nothing in {log_dir} yet"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m handler.server", description="Serve the mnist archive with TorchServe in the foreground until Ctrl-C.")
+    parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"), help="model archive (default: %(default)s; make archive builds it)")
+    parser.add_argument("--logs", type=Path, default=Path("artifacts/logs"), help="directory for TorchServe's logs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    # `kill` and Kubernetes stop with SIGTERM: leave through the context manager, which stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        with start_torchserve(args.archive, args.logs, console=True) as server:
+            print(f"serving: POST {server.url()}  (health {server.url('/ping')}, "
+                  f"metrics {server.url('/metrics', server.ports.metrics)}; logs in {server.log_dir}); Ctrl-C stops it", flush=True)
+            code = server.process.wait()
+            print(f"TorchServe exited with code {code}{log_tail(server.log_dir)}", file=sys.stderr)
+            return 1
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
