@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Builds the pinned Kubernetes tools from Go modules into a cache outside the
+# checkout, because this machine reaches package registries only (no release
+# downloads, no Docker). A tool whose stamp matches its pinned version is skipped.
+#
+#   scripts/install-k8s-tools.sh [helm|kwok|kube|etcd ...]   (default: all)
+#
+# Binaries land in ${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}/bin.
+set -o errexit -o nounset -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=SCRIPTDIR/versions.env
+source "$ROOT/scripts/versions.env"
+
+CACHE="${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}"
+BIN="$CACHE/bin"
+BUILD="$CACHE/build"
+mkdir -p "$BIN" "$BUILD"
+
+# local toolchain only: go must never try to download a newer one.
+# Module and build caches live in the cache dir so a fresh checkout rebuilds nothing.
+# CGO off: static binaries, as upstream releases them, and no C compiler needed.
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
+  GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build"
+
+# Other work shares the 2 cores; -p 2 also caps the memory of parallel links.
+# go's download chatter goes to $BUILD/<tool>.log, shown only when a step fails.
+go_nice() {
+  nice -n 10 go "$@" >>"$LOG" 2>&1 || { tail -n 40 "$LOG" >&2; echo "full log: $LOG" >&2; return 1; }
+}
+BUILD_FLAGS=(-p 2 -trimpath)
+
+have() { # have TOOL VERSION BINARY...: the stamp matches and every binary exists
+  local tool=$1 version=$2 b
+  shift 2
+  [[ "$(cat "$BIN/.$tool.version" 2>/dev/null)" == "$version" ]] || return 1
+  for b in "$@"; do [[ -x "$BIN/$b" ]] || return 1; done
+}
+
+gomod_of() { # gomod_of MODULE@VERSION: path of that module's go.mod in the module cache
+  local json
+  json="$(go mod download -json "$1")" || { echo "$json" >&2; return 1; }
+  sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p' <<<"$json"
+}
+
+# Refuse to stamp a binary that does not report the pinned version: a wrong
+# version string makes kwokctl pass the wrong flags to the control plane.
+check_version() { # check_version WANT BINARY ARGS...
+  local want=$1 out
+  shift
+  out="$("$@" 2>&1)"
+  if [[ "$out" != *"$want"* ]]; then
+    echo "error: '$*' printed '$out', expected $want" >&2
+    return 1
+  fi
+}
+
+# A plain `go install` gives a helm that calls itself "v3.21" and renders charts
+# with .Capabilities.KubeVersion v1.20.0; upstream's Makefile sets these ldflags.
+install_helm() {
+  local gomod k8s_minor v=helm.sh/helm/v3
+  gomod="$(gomod_of "$v@$HELM_VERSION")"
+  k8s_minor="$(sed -n 's#^\s*k8s\.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod")"
+  local ldflags="-s -w -X $v/internal/version.version=$HELM_VERSION
+    -X $v/pkg/lint/rules.k8sVersionMajor=1 -X $v/pkg/lint/rules.k8sVersionMinor=$k8s_minor
+    -X $v/pkg/chartutil.k8sVersionMajor=1 -X $v/pkg/chartutil.k8sVersionMinor=$k8s_minor"
+  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" \
+    "$v/cmd/helm@$HELM_VERSION"
+  check_version "$HELM_VERSION" "$BIN/helm" version --template '{{.Version}}'
+}
+
+install_kwok() {
+  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "-s -w" \
+    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  check_version "$KWOK_VERSION" "$BIN/kwok" --version
+  check_version "$KWOK_VERSION" "$BIN/kwokctl" --version
+}
+
+# Wrapper module: `go install k8s.io/kubernetes/cmd/...@v` is refused because
+# k8s.io/kubernetes' go.mod replaces its staging modules (k8s.io/api, ...) with
+# local paths; the wrapper points each at its published v0.<minor>.<patch> tag.
+install_kube() {
+  local dir="$BUILD/kube-$KUBE_VERSION" gomod staging m
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler)
+  local pkgs=("${cmds[@]/#/k8s.io/kubernetes/cmd/}")
+  local minor patch
+  IFS=. read -r _ minor patch <<<"$KUBE_VERSION"
+  local staging_version="v0.$minor.$patch"
+
+  gomod="$(gomod_of "k8s.io/kubernetes@$KUBE_VERSION")"
+  staging=$(sed -n 's#^\s*\(k8s\.io/[^ ]*\) => \./staging/.*#\1#p' "$gomod")
+
+  rm -rf "$dir" && mkdir -p "$dir"
+  # Same go/godebug lines as upstream, since the main module decides GODEBUG defaults.
+  { echo "module mnist-serve.local/kube-tools"; grep -E '^(go|godebug) ' "$gomod"; } >"$dir/go.mod"
+  local edits=(-require="k8s.io/kubernetes@$KUBE_VERSION")
+  for m in $staging; do edits+=(-replace="$m=$m@$staging_version"); done
+  (cd "$dir" && go mod edit "${edits[@]}" && go_nice get -tool "${pkgs[@]}")
+
+  # Without these the binaries report v0.0.0 and kwokctl picks obsolete flags.
+  local ldflags="-s -w
+    -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION
+    -X k8s.io/component-base/version.gitMajor=1
+    -X k8s.io/component-base/version.gitMinor=$minor
+    -X k8s.io/component-base/version.gitTreeState=clean
+    -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+  (cd "$dir" && go_nice build "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" -o "$BIN/" "${pkgs[@]}")
+  for m in "${cmds[@]}"; do check_version "$KUBE_VERSION" "$BIN/$m" --version; done
+}
+
+# etcd's server module also replaces its sibling modules with local paths.
+install_etcd() {
+  local dir="$BUILD/etcd-$ETCD_VERSION" pkg=go.etcd.io/etcd/server/v3
+  rm -rf "$dir" && mkdir -p "$dir"
+  (cd "$dir" && go_nice mod init mnist-serve.local/etcd-tools &&
+    go_nice get -tool "$pkg@$ETCD_VERSION" &&
+    go_nice build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$BIN/etcd" "$pkg")
+  check_version "${ETCD_VERSION#v}" "$BIN/etcd" --version
+}
+
+install() { # install TOOL VERSION BINARY...
+  local tool=$1 version=$2 start=$SECONDS
+  shift 2
+  if have "$tool" "$version" "$@"; then
+    printf '%-5s %-9s already there (%s)\n' "$tool" "$version" "$*"
+    return
+  fi
+  printf '%-5s %-9s building %s ...\n' "$tool" "$version" "$*"
+  rm -f "$BIN/.$tool.version"
+  LOG="$BUILD/$tool.log"
+  : >"$LOG"
+  "install_$tool"
+  echo "$version" >"$BIN/.$tool.version"
+  printf '%-5s %-9s installed in %ss\n' "$tool" "$version" "$((SECONDS - start))"
+}
+
+tools=("$@")
+[[ ${#tools[@]} -gt 0 ]] || tools=(helm kwok etcd kube)
+for t in "${tools[@]}"; do
+  case "$t" in
+    helm) install helm "$HELM_VERSION" helm ;;
+    kwok | kwokctl) install kwok "$KWOK_VERSION" kwok kwokctl ;;
+    kube | kube-apiserver | kube-controller-manager | kube-scheduler)
+      install kube "$KUBE_VERSION" kube-apiserver kube-controller-manager kube-scheduler ;;
+    etcd) install etcd "$ETCD_VERSION" etcd ;;
+    *) echo "unknown tool '$t' (want: helm kwok kube etcd)" >&2; exit 2 ;;
+  esac
+done
+echo "tools in $BIN (total ${SECONDS}s)"
