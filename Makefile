@@ -48,6 +48,56 @@ predict-table: venv cassandra-up ## score raw_predict rows with the production m
 bench-db: venv cassandra-up ## load and read figures, our layout against the notebook's, beside the targets
 	$(PY) -m training bench-db
 
+# --- serving ------------------------------------------------------------------------------------
+MODEL_STORE := $(ARTIFACTS)/model-store
+MAR := $(MODEL_STORE)/mnist.mar
+ARCHIVED := handler/mnist_handler.py handler/inputs.py handler/index_to_name.json handler/model-config.yaml handler/archive.py
+
+# No prerequisites: trains only when there is no model (`make train` retrains on purpose).
+$(ARTIFACTS)/model.pt:
+	$(MAKE) --no-print-directory train
+
+$(MAR): $(ARTIFACTS)/model.pt $(ARCHIVED) | $(VENV)/.installed
+	$(PY) -m handler.archive --model $(ARTIFACTS)/model.pt --out $(MODEL_STORE)
+
+archive: $(MAR) ## build artifacts/model-store/mnist.mar (trains first only if artifacts/model.pt is missing)
+
+serve: $(MAR) ## serve it with TorchServe in the foreground: POST http://127.0.0.1:8080/predictions/mnist
+	$(PY) -m handler.server --archive $(MAR) --logs $(ARTIFACTS)/logs
+
+predict: venv ## print the digit the running server reads in IMAGE: make predict IMAGE=digit.png
+	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/digit.png" >&2; exit 2; }
+	$(PY) -m handler.client $(IMAGE)
+
+bench-serve: $(MAR) ## load-test the server (wrk, 1/16/64 connections) against in-process TorchScript
+	scripts/bench-serve.sh --archive $(MAR)
+
+publish: $(MAR) cassandra-up ## archive and record it in the model registry (mnist-registry publish)
+	$(VENV)/bin/mnist-registry publish $(MAR) --metrics $(ARTIFACTS)/metrics.json
+
+.PHONY: archive serve predict bench-serve publish
+
+# --- image and chart ---------------------------------------------------------------------------
+image: ## build the CPU serving image where Docker runs (docker/build.sh cpu; TORCH_INDEX_URL for a CPU-only torch)
+	docker/build.sh cpu
+
+image-gpu: ## build the GPU serving image (CUDA torch) where Docker runs
+	docker/build.sh gpu
+
+image-with-model: $(MAR) ## the CPU image with artifacts/model-store/mnist.mar inside (MODEL_SOURCE=image, for kind)
+	docker/build.sh cpu --with-model
+
+image-train: ## build the GPU training image that k8s/train-job.yaml runs
+	docker/build.sh gpu --train
+
+chart-lint: venv ## helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
+	scripts/chart-lint.sh
+
+kind-smoke: venv $(MAR) ## kind cluster: build, load, helm install, post a digit, helm test, delete (needs Docker and kind)
+	k8s/kind-smoke.sh
+
+.PHONY: image image-gpu image-with-model image-train chart-lint kind-smoke
+
 # --- checks -------------------------------------------------------------------------------------
 test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)
 	$(PY) -m pytest

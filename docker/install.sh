@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The serving image's install steps. The Dockerfile runs them; the tests run the same commands on a
+# machine without Docker (tests/test_image.py), so a broken step fails there first.
+#
+#   docker/install.sh python cpu|gpu PREFIX [--dry-run] [--without-pip] [--with-training]
+#       A venv at PREFIX with the pinned packages of docker/requirements*.txt, then checked: pip check,
+#       nothing unpinned, and the imports TorchServe's workers and the entrypoint make.
+#       --dry-run resolves the pins against the package index without installing them.
+#       --with-training adds docker/requirements-train.txt (the training image).
+#       --without-pip removes pip from the venv at the end (the image has no installer).
+#       cpu: torch's CPU-only build from the wheel index named by TORCH_INDEX_URL (PyTorch's CPU
+#       wheel index, its whl/cpu path); without it, torch's default build from the default index,
+#       which runs on a CPU but carries ~4 GB of CUDA libraries (a warning says so).
+#   docker/install.sh system [--dry-run]
+#       As root in the final stage: the Java 17 runtime TorchServe's frontend runs on, the
+#       model-server user (uid 1000) and its directories, and no pip in the system Python.
+#       --dry-run only simulates the apt install (apt-get -s) and prints the rest.
+set -o errexit -o nounset -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TORCH_VERSION=2.14.1
+# TorchServe 0.12 supports Java 11 and 17; 17 is what the tests run. The version pattern pins the
+# major release and takes Debian's security updates, which replace superseded packages in the archive
+# (an exact version would stop building within weeks).
+JRE_PACKAGE="openjdk-17-jre-headless=17.0.*"
+# Must match the chart's runAsUser/runAsGroup/fsGroup and handler/config.properties' allowed_urls,
+# which names /home/model-server/model-store.
+SERVE_UID=1000
+SERVE_HOME=/home/model-server
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2; exit 2; }
+say() { echo "install.sh: $*" >&2; }
+
+python_env() {
+  local variant=${1:-} prefix=${2:-} dry_run=false without_pip=false flag
+  local requirements=("--requirement=$ROOT/docker/requirements.txt")
+  if [[ "$variant" != cpu && "$variant" != gpu ]] || [[ -z "$prefix" ]]; then usage; fi
+  shift 2
+  for flag in "$@"; do
+    case "$flag" in
+      --dry-run) dry_run=true ;;
+      --without-pip) without_pip=true ;;
+      --with-training) requirements+=("--requirement=$ROOT/docker/requirements-train.txt") ;;
+      *) usage ;;
+    esac
+  done
+
+  "${PYTHON:-python3}" -m venv --clear "$prefix"
+  local py="$prefix/bin/python"
+  # Wheels only: nothing is compiled, so the builder needs no compiler either.
+  local pip=("$py" -m pip install --no-input --disable-pip-version-check --only-binary=:all:)
+  $dry_run && pip+=(--dry-run --quiet --report /dev/null)
+  "${pip[@]}" "${requirements[@]}"
+
+  local index=${TORCH_INDEX_URL:-}
+  if [[ "$variant" == cpu && -n "$index" ]]; then
+    # The CPU-only build declares no CUDA dependencies; its pure-Python ones are in requirements.txt.
+    "${pip[@]}" --no-deps --index-url "$index" "torch==$TORCH_VERSION"
+  else
+    if [[ "$variant" == cpu ]]; then
+      say "warning: TORCH_INDEX_URL is not set, so the cpu variant gets torch's default build with its CUDA" \
+        "libraries (it runs on a CPU; the image is ~4 GB larger). Set it to PyTorch's CPU wheel index for a CPU-only torch."
+    fi
+    "${pip[@]}" "${requirements[@]}" --requirement "$ROOT/docker/requirements-cuda.txt"
+  fi
+  if $dry_run; then
+    say "dry run: the $variant pins resolve"
+    rm -rf "$prefix"
+    return
+  fi
+
+  "$py" -m pip check
+  # Everything installed must be one of the pins: an unpinned package would float between builds.
+  "$py" -I - "$ROOT"/docker/requirements*.txt <<'EOF'
+import re, sys
+from importlib.metadata import distributions
+def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
+pinned = {canonical(line.split("==")[0]) for path in sys.argv[1:] for line in open(path) if "==" in line and not line.startswith("#")}
+extra = sorted(d.metadata["Name"] for d in distributions() if canonical(d.metadata["Name"]) not in pinned | {"pip"})
+if extra:
+    sys.exit(f"install.sh: installed but not pinned in docker/requirements*.txt: {', '.join(extra)}")
+EOF
+  # What TorchServe's workers and the entrypoint import, and one TorchScript forward pass.
+  "$py" -I -W ignore::FutureWarning -c '
+import cassandra.cluster, numpy, PIL.Image, yaml, ts.model_service_worker, ts.torch_handler.base_handler, torch
+model = torch.jit.script(torch.nn.Conv2d(1, 2, 3))
+assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 2, 26, 26)
+cuda = torch.version.cuda or "none"
+print(f"install.sh: torch {torch.__version__} (CUDA build: {cuda}), TorchServe {ts.__version__}")
+'
+  if $without_pip; then
+    "$py" -m pip uninstall --yes --quiet pip
+  fi
+}
+
+system_packages() {
+  local dry_run=false
+  case "${1:-}" in
+    "") ;;
+    --dry-run) dry_run=true ;;
+    *) usage ;;
+  esac
+  if $dry_run; then
+    apt-get install --simulate --no-install-recommends "$JRE_PACKAGE" >/dev/null
+    say "dry run: $JRE_PACKAGE resolves; would add user $SERVE_UID with $SERVE_HOME/{model-store,logs}"
+    return
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  # The JRE's post-install step links its manual page there; slim images delete that directory.
+  mkdir -p /usr/share/man/man1
+  apt-get install --yes --no-install-recommends "$JRE_PACKAGE"
+  apt-get clean
+  rm -rf /var/lib/apt/lists/*
+  java -version 2>&1 | grep -q '"17\.' || { java -version; say "expected Java 17"; exit 1; }
+
+  # A fixed uid, not a name: the chart's runAsUser names it, and runAsNonRoot can check a number.
+  useradd --uid "$SERVE_UID" --user-group --create-home --home-dir "$SERVE_HOME" --shell /usr/sbin/nologin model-server
+  # Owned by the user for `docker run`; in Kubernetes the chart mounts emptyDirs over them.
+  install -d -o "$SERVE_UID" -g "$SERVE_UID" "$SERVE_HOME/model-store" "$SERVE_HOME/logs"
+  # The image installs nothing at run time: no pip in the base image's Python (the venv has none either).
+  python3 -m pip uninstall --yes --quiet pip setuptools wheel
+}
+
+case "${1:-}" in
+  python) shift; python_env "$@" ;;
+  system) shift; system_packages "$@" ;;
+  *) usage ;;
+esac

@@ -1,0 +1,369 @@
+"""docker/entrypoint.py run for real, with the image's Python environment (docker/install.sh): the model from
+the registry on the local Cassandra node or from the image, a real TorchServe, stop signals, and each way it
+refuses to start (unknown version, registry down, damaged archive, bad settings) with its message where
+Kubernetes shows it (the termination log)."""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import LOCAL_ENV
+
+from handler.archive import build_archive, version_from_metrics
+from handler.server import LOG_CONFIG, Ports, config_with_ports
+from image_env import ROOT, image_venv
+from reference_model import reference_model_dir
+
+pytestmark = pytest.mark.slow
+
+ENTRYPOINT = ROOT / "docker" / "entrypoint.py"
+DIGIT = json.loads((ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json").read_text())
+READY_S = 300.0  # JVM, two workers importing torch, warm-up; minutes on a busy 2-core machine
+FAIL_S = 60.0  # a refusal is quick: no TorchServe is started
+
+
+@pytest.fixture(scope="module")
+def python() -> Path:
+    return image_venv() / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """mnist.mar around the reference model (the model `make train` makes)."""
+    model = reference_model_dir()
+    return build_archive(model / "model.pt", tmp_path_factory.mktemp("built"), version_from_metrics(model / "metrics.json"))
+
+
+@dataclass
+class Pod:
+    """A pod's layout in a temporary directory: the emptyDirs, the termination log, a read-only-in-spirit cwd and HOME."""
+
+    root: Path
+    ports: Ports
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def termination_message(self) -> str:
+        log = self.path("termination-log")
+        return log.read_text() if log.exists() else ""
+
+
+@pytest.fixture
+def pod(tmp_path) -> Pod:
+    ports = Ports.free()
+    config = tmp_path / "config.properties"
+    config.write_text(config_with_ports(ports))
+    for name in ("store", "logs", "tmp", "cwd", "home"):
+        (tmp_path / name).mkdir()
+    environment = {
+        **LOCAL_ENV,  # no ASTRA_DB_* variables: the local node
+        "MODEL_STORE": str(tmp_path / "store"), "LOG_DIR": str(tmp_path / "logs"), "TMPDIR": str(tmp_path / "tmp"),
+        "TORCHSERVE_CONFIG": str(config), "TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "HOME": str(tmp_path / "home"), "READY_TIMEOUT": "240", "STOP_TIMEOUT": "20",
+    }
+    return Pod(tmp_path, ports, environment)
+
+
+class Running:
+    """The entrypoint as a child process, its output (TorchServe's console included) collected line by line."""
+
+    def __init__(self, python: Path, pod: Pod, **settings: str):
+        self.process = subprocess.Popen(
+            [str(python), str(ENTRYPOINT)], cwd=pod.path("cwd"), env={**pod.environment, **settings},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.process.poll() is None, f"the entrypoint exited with {self.process.returncode}:\n{self.output[-4000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout:.0f} s:\n{self.output[-4000:]}"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        self.reader.join(10)
+        return code
+
+    def processes(self) -> list[psutil.Process]:
+        """TorchServe's processes: the Java frontend (the entrypoint's child) and its workers."""
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def run(python: Path, pod: Pod, timeout: float = FAIL_S, **settings: str) -> tuple[int, str]:
+    running = Running(python, pod, **settings)
+    return running.finish(timeout), running.output
+
+
+def post_digit(port: int) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/predictions/mnist", data=json.dumps(DIGIT["pixels"]).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def ipv4(address: str) -> str:
+    """The JVM listens on IPv6 sockets that also take IPv4: ::ffff:127.0.0.1 is 127.0.0.1."""
+    parsed = ipaddress.ip_address(address)
+    return str(getattr(parsed, "ipv4_mapped", None) or parsed)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- serving -------------------------------------------------------------------------------------------
+
+@pytest.mark.cassandra
+@pytest.mark.serve
+def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archive, cassandra, cassandra_settings, metrics_file):
+    from training.registry import Registry, read_metrics
+
+    registry = Registry(cassandra)
+    version, alias = f"ep-{secrets.token_hex(3)}", f"serving{secrets.token_hex(3)}"
+    registry.publish(archive, read_metrics(metrics_file), version)
+    registry.promote(version, alias)
+
+    running = Running(python, pod, MODEL_SOURCE="registry", MODEL_VERSION=alias, CASSANDRA_KEYSPACE=cassandra_settings.keyspace)
+    try:
+        running.wait_for("entrypoint: ready", READY_S)
+        assert f"registry version {version} ({alias})" in running.output
+        assert sha256(pod.path("store") / "mnist.mar") == sha256(archive)  # the published bytes, checksum-verified
+        answer = post_digit(pod.ports.inference)
+        assert answer["digit"] == DIGIT["label"], answer
+
+        # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it.
+        (java,) = psutil.Process(running.process.pid).children()
+        assert java.name() == "java" and len(java.children()) == 2
+        listening = {c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
+        assert listening[pod.ports.inference] in ("0.0.0.0", "::")  # every address: Kubernetes routes to the pod IP
+        everything = running.processes()
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        code = running.finish(60)
+
+    assert code == 128 + signal.SIGTERM, running.output[-3000:]  # the JVM's own exit code, passed on
+    assert "SIGTERM: stopping TorchServe" in running.output and "TorchServe exited with code 143" in running.output
+    gone, alive = psutil.wait_procs(everything, timeout=10)
+    assert not alive, f"left running: {alive}"
+    assert pod.termination_message == ""  # a requested stop is no failure
+    # Writes go only to the emptyDir paths: the working directory and HOME stay empty.
+    assert not list(pod.path("cwd").iterdir()) and not list(pod.path("home").iterdir())
+    assert (pod.path("logs") / "ts_log.log").exists() and (pod.path("tmp") / "config.properties").exists()
+
+
+@pytest.mark.serve
+def test_serves_the_archive_built_into_the_image_and_stops_on_sigint(python, pod, archive):
+    running = Running(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(archive), NUMBER_OF_GPU="1")
+    try:
+        running.wait_for("entrypoint: ready", READY_S)
+        assert post_digit(pod.ports.inference)["digit"] == DIGIT["label"]
+        # What `helm test` runs in the cluster, run here against the same kind of server.
+        helm_test = subprocess.run(
+            [str(python), str(ROOT / "charts" / "mnist-serve" / "files" / "helm-test.py")], capture_output=True, text=True, timeout=120,
+            env={"PREDICT_URL": f"http://127.0.0.1:{pod.ports.inference}/predictions/mnist",
+                 "DIGIT_FILE": str(ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json")},
+        )
+        assert helm_test.returncode == 0 and helm_test.stdout.startswith("ok: "), helm_test.stdout + helm_test.stderr
+        # number_of_gpu is a cap: with no GPU here TorchServe uses the CPU.
+        assert "number_of_gpu=1" in (pod.path("tmp") / "config.properties").read_text()
+    finally:
+        running.process.send_signal(signal.SIGINT)
+        code = running.finish(60)
+    assert code == 128 + signal.SIGINT, running.output[-3000:]
+
+
+def test_the_java_command_is_what_torchserve_launcher_runs(python, tmp_path):
+    """The entrypoint starts the JVM itself (the launcher forwards no signals and drops the exit code); this
+    keeps its command equal to the one `torchserve --start --foreground` builds, through TorchServe upgrades."""
+    java_home = tmp_path / "jdk"
+    (java_home / "bin").mkdir(parents=True)
+    argv_file = tmp_path / "argv"
+    fake_java = java_home / "bin" / "java"
+    fake_java.write_text(f"#!/bin/sh\nfor arg in \"$@\"; do echo \"$arg\"; done > {argv_file}\n")
+    fake_java.chmod(0o755)
+    store, scratch, config = tmp_path / "store", tmp_path / "tmp", tmp_path / "config.properties"
+    store.mkdir()
+    scratch.mkdir()
+    config.write_text(config_with_ports(Ports.free()))
+    environment = {**LOCAL_ENV, "JAVA_HOME": str(java_home), "TEMP": str(scratch), "TMPDIR": str(scratch),
+                   "MODEL_STORE": str(store), "TORCHSERVE_CONFIG": str(config)}
+
+    launcher = subprocess.run(
+        [str(python.with_name("torchserve")), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+         "--log-config", str(LOG_CONFIG), "--model-store", str(store), "--models", "mnist=mnist.mar"],
+        env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert launcher.returncode == 0, launcher.stderr
+    by_launcher = [str(java_home / "bin" / "java")] + argv_file.read_text().splitlines()
+
+    ours = subprocess.run(
+        [str(python), "-c", "import importlib.util, json, os, sys\n"
+         f"spec = importlib.util.spec_from_file_location('entrypoint', {str(ENTRYPOINT)!r})\n"
+         "entrypoint = sys.modules['entrypoint'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(entrypoint)\n"
+         "settings = entrypoint.settings_from(os.environ)\n"
+         "text, props = entrypoint.run_config(settings)\n"
+         "print(json.dumps(entrypoint.java_command(props, settings.config, settings)))"],
+        env=environment, capture_output=True, text=True, timeout=60,
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert json.loads(ours.stdout) == by_launcher
+
+
+# --- refusing to start -------------------------------------------------------------------------------
+
+def assert_refused(code: int, output: str, pod: Pod, message: str) -> None:
+    assert code == 1, output[-3000:]
+    assert message in pod.termination_message, pod.termination_message
+    assert f"entrypoint: error: {pod.termination_message[:60]}" in output  # the same message in the logs
+    assert "TorchServe started" not in output
+
+
+@pytest.mark.cassandra
+def test_an_unknown_version_is_refused(python, pod, cassandra_env):
+    code, output = run(python, pod, MODEL_SOURCE="registry", MODEL_VERSION="no-such-version", CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"])
+    assert_refused(code, output, pod, "cannot get model 'no-such-version' from the registry")
+    assert "no version or alias 'no-such-version'" in pod.termination_message
+
+
+def test_a_registry_that_is_down_is_reported(python, pod):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    code, output = run(python, pod, MODEL_SOURCE="registry", CASSANDRA_HOSTS="127.0.0.1", CASSANDRA_PORT=str(port), CASSANDRA_CONNECT_TIMEOUT="2")
+    assert_refused(code, output, pod, "cannot reach the model registry")
+    assert f"127.0.0.1:{port}" in pod.termination_message
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.cassandra
+def test_an_archive_altered_in_the_registry_is_refused(python, pod, archive, cassandra, cassandra_env, metrics_file):
+    from training.registry import Registry, read_metrics
+
+    registry = Registry(cassandra)
+    version = f"ep-bad-{secrets.token_hex(3)}"
+    published = registry.publish(archive, read_metrics(metrics_file), version)
+    cassandra.execute("UPDATE archive_chunks SET data = %s WHERE version = %s AND upload = %s AND chunk = 0",
+                      (b"not the archive", version, published.upload))
+    code, output = run(python, pod, MODEL_SOURCE="registry", MODEL_VERSION=version, CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"])
+    assert_refused(code, output, pod, "does not match its sha256")
+    assert not (pod.path("store") / "mnist.mar").exists()
+
+
+def flip_byte_inside(archive: Path, member: str) -> bytes:
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as mar:
+        info = mar.getinfo(member)
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "is damaged"), ("flipped byte", "is damaged"), ("not a zip", "is damaged"),
+    ("no manifest", "has no MAR-INF/MANIFEST.json"), ("no model file", "lacks model.pt, the model file its manifest names"),
+])
+def test_a_damaged_archive_in_the_image_is_refused(python, pod, archive, tmp_path, damage, message):
+    damaged = tmp_path / "mnist.mar"
+    if damage == "truncated":
+        damaged.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    elif damage == "flipped byte":
+        damaged.write_bytes(flip_byte_inside(archive, "model.pt"))
+    elif damage == "not a zip":
+        damaged.write_text("<html>404</html>")
+    else:
+        with zipfile.ZipFile(archive) as source, zipfile.ZipFile(damaged, "w") as target:
+            for info in source.infolist():
+                if info.filename != ("MAR-INF/MANIFEST.json" if damage == "no manifest" else "model.pt"):
+                    target.writestr(info, source.read(info))
+    code, output = run(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(damaged))
+    assert_refused(code, output, pod, f"model archive {pod.path('store') / 'mnist.mar'} {message}")
+
+
+def test_an_image_without_a_model_says_how_to_build_one(python, pod, tmp_path):
+    code, output = run(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(tmp_path / "nothing.mar"))
+    assert_refused(code, output, pod, "this image was built without a model")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"MODEL_SOURCE": "s3"}, "MODEL_SOURCE='s3' is not one of registry, image"),
+    ({"MODEL_VERSION": "../../etc/passwd"}, "is not a version or alias name"),
+    ({"NUMBER_OF_GPU": "-1"}, "NUMBER_OF_GPU='-1' is not a whole number >= 0"),
+    ({"READY_TIMEOUT": "soon"}, "READY_TIMEOUT='soon' is not a number"),
+    ({"TORCHSERVE_CONFIG": "/nonexistent/config.properties"}, "TORCHSERVE_CONFIG=/nonexistent/config.properties: cannot read it"),
+])
+def test_bad_settings_are_refused(python, pod, archive, setting, message):
+    code, output = run(python, pod, **{"MODEL_SOURCE": "image", "MODEL_ARCHIVE": str(archive), **setting})
+    assert_refused(code, output, pod, message)
+
+
+def test_a_management_api_off_loopback_is_refused(python, pod, archive, tmp_path):
+    config = tmp_path / "open.properties"
+    config.write_text(Path(pod.environment["TORCHSERVE_CONFIG"]).read_text().replace("management_address=http://127.0.0.1:", "management_address=http://0.0.0.0:"))
+    code, output = run(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(archive), TORCHSERVE_CONFIG=str(config))
+    assert_refused(code, output, pod, "must listen on 127.0.0.1 only")
+
+
+@pytest.mark.serve
+def test_a_model_that_never_loads_ends_with_torchserves_log(python, pod, tmp_path):
+    """A valid archive whose model.pt is not a model: TorchServe starts, its workers keep dying; the
+    entrypoint gives up after READY_TIMEOUT, stops TorchServe and quotes its log."""
+    junk = tmp_path / "model.pt"
+    with zipfile.ZipFile(junk, "w") as model:
+        model.writestr("model/data.pkl", b"not a TorchScript model")
+    broken = build_archive(junk, tmp_path / "broken", "0.0")
+    running = Running(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(broken), READY_TIMEOUT="30")
+    running.wait_for("TorchServe started", FAIL_S)
+    everything = running.processes()
+    code = running.finish(120)
+    assert code == 1, running.output[-3000:]
+    assert "the model did not answer a prediction within READY_TIMEOUT=30 s; the end of" in pod.termination_message
+    assert "ts_log.log" in pod.termination_message
+    _, alive = psutil.wait_procs(everything, timeout=10)
+    assert not alive
+
+
+def test_a_stop_signal_while_fetching_the_model_ends_at_once(python, pod):
+    """SIGTERM before TorchServe runs (here: a registry that accepts connections and never answers)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        running = Running(python, pod, MODEL_SOURCE="registry", CASSANDRA_HOSTS="127.0.0.1",
+                          CASSANDRA_PORT=str(silent.getsockname()[1]), CASSANDRA_CONNECT_TIMEOUT="120")
+        running.wait_for("getting model production from the registry", FAIL_S)
+        time.sleep(1)
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        code = running.finish(30)
+    assert code == 128 + signal.SIGTERM, running.output
+    assert "stopped before TorchServe started" in running.output
+    assert time.monotonic() - started < 15

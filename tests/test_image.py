@@ -1,0 +1,186 @@
+"""The container image without a Docker engine: its install script run for real on this machine, its pins
+resolved against the package index, and the Dockerfile checked against the files and settings it relies on.
+Where Docker runs, tests/test_kind_smoke.py builds the image itself."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from image_env import ROOT, image_venv, install_environment
+
+pytestmark = pytest.mark.slow
+
+INSTALL = ROOT / "docker" / "install.sh"
+
+
+def docker_runs() -> bool:
+    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+# --- docker/install.sh ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    return image_venv()
+
+
+def test_the_install_script_makes_the_images_python_environment(venv):
+    python = venv / "bin" / "python"
+    versions = subprocess.run(
+        [str(python), "-I", "-c", "import json, torch, ts, cassandra, numpy, PIL; "
+         "print(json.dumps([torch.__version__, ts.__version__, cassandra.__version__, numpy.__version__, PIL.__version__]))"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert versions.returncode == 0, versions.stderr
+    torch_version, torchserve, driver, numpy_version, pillow = json.loads(versions.stdout)
+    pins = dict(line.strip().split("==") for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
+    assert torch_version.split("+")[0] == "2.14.1" and torchserve == pins["torchserve"] == "0.12.0"
+    assert (driver, numpy_version, pillow) == (pins["cassandra-driver"], pins["numpy"], pins["pillow"])
+    # --without-pip: the image has no installer.
+    assert not list((venv / "lib").glob("python3*/site-packages/pip"))
+    assert "No broken requirements found" in (venv / ".install.log").read_text()
+
+
+def test_the_pins_of_every_variant_resolve_against_the_index(tmp_path):
+    """The GPU image and the training image install what the CPU test environment does not."""
+    done = subprocess.run([str(INSTALL), "python", "gpu", str(tmp_path / "venv"), "--dry-run", "--with-training"],
+                          env=install_environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "dry run: the gpu pins resolve" in done.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_an_unpinned_package_is_refused(tmp_path):
+    """A requirement with a range instead of a pin would float between builds: the script rejects the result."""
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    for name in ("install.sh", "requirements-cuda.txt", "requirements-train.txt"):
+        shutil.copy2(ROOT / "docker" / name, docker / name)
+    (docker / "requirements.txt").write_text((ROOT / "docker" / "requirements.txt").read_text() + "six\n")
+    try:
+        done = subprocess.run([str(docker / "install.sh"), "python", "cpu", str(tmp_path / "venv")],
+                              env=install_environment(), capture_output=True, text=True, timeout=1800)
+    finally:
+        shutil.rmtree(tmp_path / "venv", ignore_errors=True)  # ~5 GB
+    assert done.returncode != 0
+    assert "installed but not pinned in docker/requirements*.txt: six" in done.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+    for args in ([], ["python", "arm", str(tmp_path)], ["python", "cpu"], ["system", "--now"]):
+        done = subprocess.run([str(INSTALL), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and "docker/install.sh python cpu|gpu PREFIX" in done.stderr, args
+
+
+def test_the_system_step_resolves_the_java_runtime_on_debian_12():
+    """The image's base is Debian 12 (bookworm), like this machine: the pinned JRE must be installable."""
+    release = Path("/etc/os-release").read_text()
+    if 'VERSION_CODENAME=bookworm' not in release or not shutil.which("apt-get"):
+        pytest.skip("needs Debian 12's apt (the image's base); the Docker build runs this step where Docker runs")
+    if "Candidate: (none)" in subprocess.run(["apt-cache", "policy", "openjdk-17-jre-headless"], capture_output=True, text=True).stdout:
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)  # a fresh machine has no package lists yet
+    done = subprocess.run([str(INSTALL), "system", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "openjdk-17-jre-headless=17.0.* resolves" in done.stderr
+
+
+# --- the Dockerfile ------------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped, as docker reads them."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", joined, re.MULTILINE)]
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    found: dict[str, list] = {}
+    current = None
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "FROM":
+            words = arguments.split()
+            current = words[2] if len(words) > 2 and words[1].upper() == "AS" else f"(unnamed {len(found)})"
+            found[current] = [(instruction, arguments)]
+        elif current:
+            found[current].append((instruction, arguments))
+    return found
+
+
+def dockerignore_allows(path: str) -> bool:
+    """.dockerignore's verdict for a context path (the patterns this project uses: *, !path/, **/x)."""
+    allowed = True
+    for pattern in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if re.fullmatch(regex + "(/.*)?", path):
+            allowed = negate
+    return allowed
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    args = {"MODEL_ARCHIVE": "artifacts/model-store/mnist.mar"}
+    for name, instructions in stages().items():
+        for instruction, arguments in instructions:
+            if instruction != "COPY" or "--from=" in arguments:
+                continue
+            *sources, _ = [word for word in arguments.split() if not word.startswith("--")]
+            for source in sources:
+                source = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], source).rstrip("/")
+                assert dockerignore_allows(source), f"{name}: COPY {source} is excluded by .dockerignore"
+                if source != args["MODEL_ARCHIVE"]:  # built by make archive before docker/build.sh --with-model
+                    assert (ROOT / source).exists(), f"{name}: COPY {source}: no such file"
+    assert not dockerignore_allows(".venv/bin/python") and not dockerignore_allows(".git/config")
+    assert not dockerignore_allows("training/__pycache__/db.cpython-311.pyc")
+
+
+def test_the_server_stage_is_locked_down():
+    serve = dict((i, a) for i, a in stages()["serve"] if i in ("USER", "EXPOSE", "ENTRYPOINT"))
+    assert serve["USER"] == "1000:1000"  # numeric, so runAsNonRoot can verify it
+    assert serve["EXPOSE"].split() == ["8080", "8082"]
+    entrypoint = json.loads(serve["ENTRYPOINT"])
+    assert entrypoint == ["/opt/venv/bin/python", "/opt/mnist-serve/docker/entrypoint.py"]
+    runs = [a for i, a in stages()["serve"] if i == "RUN"]
+    assert runs == ["/opt/mnist-serve/docker/install.sh system"]  # the install steps are the tested script
+    # No installer or compiler reaches the final stages: pip is removed from the venv (--without-pip) and
+    # from the base Python (install.sh system); only the builder stages run pip.
+    for name in ("serve", "train", "with-model"):
+        assert not any("pip install" in a or "gcc" in a or "build-essential" in a for _, a in stages()[name]), name
+    builder_runs = [a for name in ("builder", "builder-train") for i, a in stages()[name] if i == "RUN"]
+    assert all("/src/docker/install.sh python" in run and "--without-pip" in run for run in builder_runs)
+
+
+def test_base_images_are_pinned_to_exact_versions():
+    defaults = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", defaults["PYTHON_IMAGE"])
+    assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-base-ubuntu24\.04(@sha256:[0-9a-f]{64})?", defaults["CUDA_IMAGE"])
+    # The CUDA major of the image's forward-compat libraries is the CUDA major torch was built for.
+    assert "cuda-toolkit==13." in (ROOT / "docker" / "requirements-cuda.txt").read_text()
+
+
+# --- building -----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(docker_runs(), reason="a Docker engine runs here: test_image_builds builds for real")
+@pytest.mark.parametrize("command", [["docker/build.sh", "cpu"], ["make", "--no-print-directory", "image"], ["make", "--no-print-directory", "image-gpu"]])
+def test_without_docker_the_build_says_so_plainly(command):
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    message = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert message == ["error: building the image needs a running Docker engine ('docker info' fails here); run this where Docker runs"]
+
+
+@pytest.mark.skipif(not docker_runs(), reason="needs a running Docker engine; here the install script and the entrypoint are tested without it (above, tests/test_entrypoint.py)")
+def test_image_builds():
+    done = subprocess.run([str(ROOT / "docker" / "build.sh"), "cpu"], capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = done.stdout.strip().splitlines()[-1]
+    user = subprocess.run(["docker", "image", "inspect", tag, "--format", "{{.Config.User}} {{json .Config.ExposedPorts}}"], capture_output=True, text=True)
+    assert user.stdout.startswith("1000:1000") and "8081" not in user.stdout

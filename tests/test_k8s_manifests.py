@@ -1,0 +1,122 @@
+"""k8s/: the training Job is a valid Kubernetes 1.36 object calling the project's real command lines, and the
+chart's GPU pods fit exactly the GPU nodes of the EKS cluster config and of the simulated cluster (k8s/kwok)."""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from test_chart import CASES, KUBE_VERSION, render, server_pod
+from test_chart import helm  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+
+
+def load(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    (job,) = load("train-job.yaml")
+    return job
+
+
+def test_the_training_job_is_valid(job):
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_training_job_calls_the_real_command_lines(job):
+    """Each line of the Job's script is parsed by the project's own argument parsers, as it would run."""
+    from training import cli, registry_cli
+
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    commands = [shlex.split(line.replace("$TRAIN_FLAGS", "")) for line in script.splitlines() if line.startswith("python")]
+    assert [c[:3] for c in commands] == [["python", "-m", "training"], ["python", "-m", "handler.archive"], ["python", "-m", "training.registry_cli"]]
+    train = cli.parser().parse_args(commands[0][3:])
+    assert (train.command, train.source, train.device, str(train.out)) == ("train", "cassandra", "cuda", "/work/out")
+    archive_help = subprocess.run([sys.executable, "-m", "handler.archive", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert all(flag in archive_help.stdout for flag in commands[1][3::2])
+    publish = registry_cli.parser().parse_args(commands[2][3:])
+    assert publish.command == "publish" and str(publish.archive) == f"{commands[1][-1]}/mnist.mar"
+    assert str(publish.metrics) == f"{train.out}/metrics.json" and f"{train.out}/model.pt" in commands[1]
+
+
+def test_the_training_job_uses_the_charts_secrets_and_settings(job):
+    values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    secrets = {volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
+    assert secrets == {values["astra"]["bundleSecret"]["name"], values["astra"]["tokenSecret"]["name"]}
+    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"]}
+    assert env["CASSANDRA_KEYSPACE"] == values["cassandra"]["keyspace"]
+    assert "ASTRA_DB_TOKEN" not in env and env["ASTRA_DB_TOKEN_FILE"].endswith("/" + values["astra"]["tokenSecret"]["key"])
+
+
+def gpu_node_group() -> dict:
+    (cluster,) = load("eks-cluster.yaml")
+    return next(group for group in cluster["managedNodeGroups"] if group["name"] == "gpu")
+
+
+def test_the_eks_gpu_node_group_is_tainted_like_eks_gpu_groups():
+    group = gpu_node_group()
+    assert group["instanceType"].startswith("g4dn.")
+    assert group["taints"] == [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
+    assert group["labels"]["nvidia.com/gpu.present"] == "true"
+
+
+def fits(pod: dict, labels: dict, taints: list[dict]) -> bool:
+    """The scheduler's node-selector and NoSchedule-taint rules (the two the chart relies on)."""
+    if any(labels.get(key) != value for key, value in pod.get("nodeSelector", {}).items()):
+        return False
+
+    def tolerated(taint: dict) -> bool:
+        return any(
+            t.get("key") in (None, taint["key"]) and t.get("effect") in (None, taint["effect"])
+            and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+            for t in pod.get("tolerations", [])
+        )
+    return all(tolerated(taint) for taint in taints if taint["effect"] in ("NoSchedule", "NoExecute"))
+
+
+def test_gpu_pods_fit_only_the_gpu_node_group(helm):  # noqa: F811
+    group = gpu_node_group()
+    # EKS labels every node of a managed node group with its name.
+    labels = {**group["labels"], "eks.amazonaws.com/nodegroup": group["name"], "node.kubernetes.io/instance-type": group["instanceType"]}
+    gpu_pod = server_pod(render(helm, *CASES["eks-gpu"]))["spec"]
+    cpu_pod = server_pod(render(helm))["spec"]
+    assert fits(gpu_pod, labels, group["taints"])
+    assert not fits(cpu_pod, labels, group["taints"])
+    cpu_group = {"eks.amazonaws.com/nodegroup": "cpu"}
+    assert fits(cpu_pod, cpu_group, []) and not fits(gpu_pod, cpu_group, [])
+    (job,) = load("train-job.yaml")
+    assert fits(job["spec"]["template"]["spec"], labels, group["taints"])
+
+
+def test_gpu_pods_fit_only_the_simulated_gpu_nodes(helm):  # noqa: F811
+    """The same on the nodes of the local simulated cluster (k8s/kwok/nodes.yaml, scripts/cluster.sh)."""
+    nodes = load("kwok/nodes.yaml")
+    gpu_pod = server_pod(render(helm, *CASES["eks-gpu"]))["spec"]
+    cpu_pod = server_pod(render(helm))["spec"]
+    for node in nodes:
+        labels, taints = node["metadata"]["labels"], node["spec"].get("taints", [])
+        has_gpu = "nvidia.com/gpu" in node["status"]["allocatable"]
+        assert fits(gpu_pod, labels, taints) == has_gpu, node["metadata"]["name"]
+        assert fits(cpu_pod, labels, taints) == (not has_gpu), node["metadata"]["name"]
+
+
+def test_the_kind_cluster_is_the_one_the_smoke_test_deletes():
+    (config,) = load("kind-cluster.yaml")
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4" and config["kind"] == "Cluster"
+    assert f"CLUSTER={config['name']}" in (K8S / "kind-smoke.sh").read_text()
+    assert config["networking"]["apiServerAddress"] == "127.0.0.1"
