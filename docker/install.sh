@@ -3,8 +3,9 @@
 # machine without Docker (tests/test_image.py), so a broken step fails there first.
 #
 #   docker/install.sh python cpu|gpu PREFIX [--dry-run] [--without-pip] [--with-training]
-#       A venv at PREFIX with the pinned packages of docker/requirements*.txt, then checked: pip check,
-#       nothing unpinned, and the imports TorchServe's workers and the entrypoint make.
+#       A venv at PREFIX with the pinned packages of docker/requirements*.txt, refused if the resolved
+#       set holds anything unpinned; then checked: pip check, and the imports TorchServe's workers and
+#       the entrypoint make.
 #       --dry-run resolves the pins against the package index without installing them.
 #       --with-training adds docker/requirements-train.txt (the training image).
 #       --without-pip removes pip from the venv at the end (the image has no installer).
@@ -45,41 +46,48 @@ python_env() {
     esac
   done
 
-  "${PYTHON:-python3}" -m venv --clear "$prefix"
-  local py="$prefix/bin/python"
-  # Wheels only: nothing is compiled, so the builder needs no compiler either.
-  local pip=("$py" -m pip install --no-input --disable-pip-version-check --only-binary=:all:)
-  $dry_run && pip+=(--dry-run --quiet --report /dev/null)
-  "${pip[@]}" "${requirements[@]}"
-
-  local index=${TORCH_INDEX_URL:-}
+  local index=${TORCH_INDEX_URL:-} cpu_only_torch=false
   if [[ "$variant" == cpu && -n "$index" ]]; then
-    # The CPU-only build declares no CUDA dependencies; its pure-Python ones are in requirements.txt.
-    "${pip[@]}" --no-deps --index-url "$index" "torch==$TORCH_VERSION"
+    cpu_only_torch=true
   else
     if [[ "$variant" == cpu ]]; then
       say "warning: TORCH_INDEX_URL is not set, so the cpu variant gets torch's default build with its CUDA" \
         "libraries (it runs on a CPU; the image is ~4 GB larger). Set it to PyTorch's CPU wheel index for a CPU-only torch."
     fi
-    "${pip[@]}" "${requirements[@]}" --requirement "$ROOT/docker/requirements-cuda.txt"
+    requirements+=("--requirement=$ROOT/docker/requirements-cuda.txt")
   fi
+
+  "${PYTHON:-python3}" -m venv --clear "$prefix"
+  local py="$prefix/bin/python"
+  # Wheels only: nothing is compiled, so the builder needs no compiler either.
+  local pip=("$py" -m pip install --no-input --disable-pip-version-check --only-binary=:all:)
+  # Resolve first, and refuse a set holding anything not pinned: it would float between builds.
+  "${pip[@]}" --dry-run --quiet --report "$prefix/resolved.json" "${requirements[@]}"
+  "$py" -I - "$prefix/resolved.json" "$ROOT"/docker/requirements*.txt <<'EOF'
+import json, re, sys
+def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
+pinned = {canonical(line.split("==")[0]) for path in sys.argv[2:] for line in open(path) if "==" in line and not line.startswith("#")}
+resolved = [item["metadata"]["name"] for item in json.load(open(sys.argv[1]))["install"]]
+extra = sorted(name for name in resolved if canonical(name) not in pinned)
+if extra:
+    sys.exit(f"install.sh: resolved but not pinned in docker/requirements*.txt: {', '.join(extra)}")
+EOF
+  rm "$prefix/resolved.json"
   if $dry_run; then
+    if $cpu_only_torch; then
+      "${pip[@]}" --dry-run --quiet --no-deps --index-url "$index" "torch==$TORCH_VERSION"
+    fi
     say "dry run: the $variant pins resolve"
     rm -rf "$prefix"
     return
   fi
 
+  "${pip[@]}" "${requirements[@]}"
+  if $cpu_only_torch; then
+    # The CPU-only build declares no CUDA dependencies; its pure-Python ones are in requirements.txt.
+    "${pip[@]}" --no-deps --index-url "$index" "torch==$TORCH_VERSION"
+  fi
   "$py" -m pip check
-  # Everything installed must be one of the pins: an unpinned package would float between builds.
-  "$py" -I - "$ROOT"/docker/requirements*.txt <<'EOF'
-import re, sys
-from importlib.metadata import distributions
-def canonical(name): return re.sub(r"[-_.]+", "-", name).lower()
-pinned = {canonical(line.split("==")[0]) for path in sys.argv[1:] for line in open(path) if "==" in line and not line.startswith("#")}
-extra = sorted(d.metadata["Name"] for d in distributions() if canonical(d.metadata["Name"]) not in pinned | {"pip"})
-if extra:
-    sys.exit(f"install.sh: installed but not pinned in docker/requirements*.txt: {', '.join(extra)}")
-EOF
   # What TorchServe's workers and the entrypoint import, and one TorchScript forward pass.
   "$py" -I -W ignore::FutureWarning -c '
 import cassandra.cluster, numpy, PIL.Image, yaml, ts.model_service_worker, ts.torch_handler.base_handler, torch
