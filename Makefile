@@ -93,10 +93,19 @@ image-train: ## build the GPU training image that k8s/train-job.yaml runs
 chart-lint: venv ## helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
 	scripts/chart-lint.sh
 
+cluster-up: ## a local Kubernetes 1.36 control plane (kwok) with 2 CPU and 2 GPU nodes; built once (~14 min), then ~5 s
+	scripts/cluster.sh up
+
+cluster-down: ## delete that cluster
+	scripts/cluster.sh down
+
+cluster-status: ## is it up?
+	scripts/cluster.sh status
+
 kind-smoke: venv $(MAR) ## kind cluster: build, load, helm install, post a digit, helm test, delete (needs Docker and kind)
 	k8s/kind-smoke.sh
 
-.PHONY: image image-gpu image-with-model image-train chart-lint kind-smoke
+.PHONY: image image-gpu image-with-model image-train chart-lint cluster-up cluster-down cluster-status kind-smoke
 
 # --- checks -------------------------------------------------------------------------------------
 test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)

@@ -66,24 +66,9 @@ step "a digit through a port-forward"
 local_port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 k port-forward "service/$RELEASE" "$local_port:8080" >"$work/port-forward.log" 2>&1 &
 port_forward=$!
-"$PY" - "http://127.0.0.1:$local_port/predictions/mnist" "$CHART/files/test-digit.json" <<'EOF'
-import json, sys, time, urllib.request
-url, digit_file = sys.argv[1], sys.argv[2]
-digit = json.load(open(digit_file))
-deadline = time.monotonic() + 60
-while True:
-    try:
-        request = urllib.request.Request(url, data=json.dumps(digit["pixels"]).encode(), headers={"Content-Type": "application/json"})
-        answer = json.load(urllib.request.urlopen(request, timeout=30))
-        break
-    except OSError as error:  # the port-forward is still starting
-        if time.monotonic() > deadline:
-            sys.exit(f"no answer from {url}: {error}")
-        time.sleep(1)
-if answer.get("digit") != digit["label"]:
-    sys.exit(f"expected {digit['label']}, the cluster answered {answer}")
-print(f"{url} read {digit['source']} as {answer['digit']} (confidence {answer['confidence']:.3f})")
-EOF
+# The helm test's own script, here against the port-forward (it retries while that starts).
+PREDICT_URL="http://127.0.0.1:$local_port/predictions/mnist" DIGIT_FILE="$CHART/files/test-digit.json" \
+  "$PY" "$CHART/files/helm-test.py"
 
 step "helm test"
 "$HELM" test "$RELEASE" --namespace "$NAMESPACE" --logs --timeout 5m
