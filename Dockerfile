@@ -79,8 +79,11 @@ ENTRYPOINT ["/opt/venv/bin/python", "/opt/mnist-serve/docker/entrypoint.py"]
 # --- the training job: `python -m training ...` (k8s/train-job.yaml runs train, archive, publish) ------
 FROM serve AS train
 COPY --from=builder-train /opt/venv /opt/venv
+# The commit the code came from, for metrics.json: the image has no .git (docker/build.sh passes it).
+ARG GIT_COMMIT=unknown
 # matplotlib's cache, under the writable /tmp like the rest.
-ENV MPLCONFIGDIR=/tmp/matplotlib
+ENV MPLCONFIGDIR=/tmp/matplotlib \
+    MNIST_SERVE_GIT_COMMIT=${GIT_COMMIT}
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "training"]
 CMD ["--help"]
 

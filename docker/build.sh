@@ -37,7 +37,7 @@ tag="${IMAGE:-mnist-serve}:${version}-${variant}${suffix}"
 # Which commit the image was built from, readable with docker inspect (the image has no .git).
 revision="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
 DOCKER_BUILDKIT=1 docker build "$ROOT" --file "$ROOT/Dockerfile" --target "$target" \
-  --build-arg VARIANT="$variant" --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-}" \
+  --build-arg VARIANT="$variant" --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-}" --build-arg GIT_COMMIT="$revision" \
   --label org.opencontainers.image.revision="$revision" --label org.opencontainers.image.version="$version" \
   --tag "$tag"
 echo "$tag"

@@ -17,8 +17,8 @@ CHART="$ROOT/charts/mnist-serve"
 CLUSTER=mnist-serve-smoke  # as in k8s/kind-cluster.yaml
 NAMESPACE=mnist-serve
 RELEASE=mnist-serve
-# The kind release this was written against (its node image is Kubernetes 1.36).
-KIND_VERSION=v0.33.0
+# shellcheck source=../scripts/versions.env
+source "$ROOT/scripts/versions.env"  # KIND_VERSION
 PY="$ROOT/.venv/bin/python"
 
 KIND="$(command -v kind || echo "$CACHE/bin/kind")"

@@ -105,3 +105,14 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path):
 def test_every_command_has_help(tmp_path):
     result = run_cli("train", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--resume" in result.stdout and "--data-dir" in result.stdout
+
+
+def test_git_commit_outside_git_comes_from_the_image_build(tmp_path, monkeypatch):
+    """The training image has no .git; docker/build.sh passes the commit, the Dockerfile sets MNIST_SERVE_GIT_COMMIT."""
+    from training.report import git_commit
+
+    monkeypatch.delenv("MNIST_SERVE_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("MNIST_SERVE_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"
+    assert git_commit() not in {"unknown", "0123abc"}  # in the checkout, git itself answers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,10 +16,9 @@ import torch  # noqa: E402
 from training.train import EpochResult  # noqa: E402
 
 
-def git_commit() -> str:
-    """The commit the code came from, '-dirty' when it had uncommitted changes, 'unknown' outside git."""
-    root = Path(__file__).resolve().parent.parent
-
+def git_commit(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """The commit the code came from, '-dirty' when it had uncommitted changes. Outside git (the training
+    image has no .git): MNIST_SERVE_GIT_COMMIT, which the image's build sets, else 'unknown'."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -26,7 +26,7 @@ def git_commit() -> str:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+        return os.environ.get("MNIST_SERVE_GIT_COMMIT") or "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
