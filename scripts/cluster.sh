@@ -43,11 +43,11 @@ CREATE_FLAGS=(
   --kubeconfig="$KUBECONFIG_FILE"
   --wait=2m
 )
-# Only `kwokctl kubectl` wants kubectl; the machine's own is fine for that.
-KWOK_KUBECTL_BINARY="$(command -v kubectl)" && export KWOK_KUBECTL_BINARY
+# The kubectl built with the control plane (install-k8s-tools.sh), of the API server's own version.
+export KWOK_KUBECTL_BINARY="$BIN/kubectl"
 
 kwokctl() { "$BIN/kwokctl" --name="$NAME" --config="$ROOT/k8s/kwok/kwokctl.yaml" "$@"; }
-k() { kubectl --kubeconfig="$KUBECONFIG_FILE" "$@"; }
+k() { "$BIN/kubectl" --kubeconfig="$KUBECONFIG_FILE" "$@"; }
 exists() { [[ -x "$BIN/kwokctl" ]] && "$BIN/kwokctl" get clusters 2>/dev/null | grep -qx "$NAME"; }
 answers() { k get --raw=/readyz >/dev/null 2>&1; }
 

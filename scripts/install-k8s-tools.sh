@@ -81,7 +81,8 @@ install_kwok() {
 # local paths; the wrapper points each at its published v0.<minor>.<patch> tag.
 install_kube() {
   local dir="$BUILD/kube-$KUBE_VERSION" gomod staging m
-  local cmds=(kube-apiserver kube-controller-manager kube-scheduler)
+  # kubectl too: the machine's may be several minors older than the API server (skew warnings).
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   local pkgs=("${cmds[@]/#/k8s.io/kubernetes/cmd/}")
   local minor patch
   IFS=. read -r _ minor patch <<<"$KUBE_VERSION"
@@ -105,7 +106,8 @@ install_kube() {
     -X k8s.io/component-base/version.gitTreeState=clean
     -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
   (cd "$dir" && go_nice build "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" -o "$BIN/" "${pkgs[@]}")
-  for m in "${cmds[@]}"; do check_version "$KUBE_VERSION" "$BIN/$m" --version; done
+  for m in kube-apiserver kube-controller-manager kube-scheduler; do check_version "$KUBE_VERSION" "$BIN/$m" --version; done
+  check_version "$KUBE_VERSION" "$BIN/kubectl" version --client
 }
 
 # etcd's server module also replaces its sibling modules with local paths.
@@ -140,8 +142,8 @@ for t in "${tools[@]}"; do
   case "$t" in
     helm) install helm "$HELM_VERSION" helm ;;
     kwok | kwokctl) install kwok "$KWOK_VERSION" kwok kwokctl ;;
-    kube | kube-apiserver | kube-controller-manager | kube-scheduler)
-      install kube "$KUBE_VERSION" kube-apiserver kube-controller-manager kube-scheduler ;;
+    kube | kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+      install kube "$KUBE_VERSION" kube-apiserver kube-controller-manager kube-scheduler kubectl ;;
     etcd) install etcd "$ETCD_VERSION" etcd ;;
     *) echo "unknown tool '$t' (want: helm kwok kube etcd)" >&2; exit 2 ;;
   esac
