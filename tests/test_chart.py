@@ -345,6 +345,12 @@ def test_image_digest_pins_the_serving_image(helm):
     assert server_container(render(helm, "--set", f"image.digest={digest}"))["image"] == f"mnist-serve@{digest}"
 
 
+def test_a_numbered_model_version_is_served_as_that_version(helm):
+    """`--set model.version=3` (a number to helm) means registry version "3", as `mnist-registry publish` numbers them."""
+    env = {item["name"]: item.get("value") for item in server_container(render(helm, "--set", "model.version=3"))["env"]}
+    assert env["MODEL_VERSION"] == "3"
+
+
 # --- values refused at install time ----------------------------------------------------------------
 
 @pytest.mark.parametrize("setting, where", [
@@ -352,6 +358,7 @@ def test_image_digest_pins_the_serving_image(helm):
     ("replicaCount=-1", "/replicaCount"),
     ("model.source=s3", "/model/source"),
     ("model.version=../etc", "/model/version"),
+    ("model.version=0", "/model/version"),
     ("astra.token=AstraCS:abcdef", "/astra"),
     ("astra.enabled=true", "/astra/tokenSecret/name"),
     ("torchserve.extraProperties.management_address=http://0.0.0.0:8081", "/torchserve/extraProperties/management_address"),

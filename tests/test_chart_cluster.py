@@ -245,7 +245,7 @@ def test_upgrades_to_a_new_model_or_config_roll_the_gpu_pods_one_at_a_time(helm,
     before = wait_for_pods(api, namespace, "gpu", count=2, running=2)
     assert {env_of(pod)["MODEL_VERSION"] for pod in before} == {"production"}
 
-    new_model = upgrade_and_watch(helm, kubeconfig, api, namespace, "gpu", "--set-string", "model.version=2")
+    new_model = upgrade_and_watch(helm, kubeconfig, api, namespace, "gpu", "--set", "model.version=2")
     check_within_budgets(api, namespace, "gpu", new_model, max_surge=0, max_unavailable=1)
     assert {env_of(pod)["MODEL_VERSION"] for pod in new_model.new_pods.values()} == {"2"}
     assert sorted(pod.spec.node_name for pod in new_model.new_pods.values()) == ["gpu-0", "gpu-1"]
