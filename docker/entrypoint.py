@@ -133,7 +133,7 @@ def fetch_from_registry(settings: Settings) -> tuple[Path, str]:
     except SettingsError as error:
         raise StartupError(f"registry settings: {error}") from None
     try:
-        with db.connect(connection) as session:
+        with db.connect(connection, create_schema=False) as session:  # a read-only role is enough to serve
             version, path = Registry(session).download(settings.version, settings.model_store)
     except db.DatabaseError as error:
         raise StartupError(f"cannot reach the model registry: {error}") from None

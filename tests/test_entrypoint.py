@@ -255,6 +255,16 @@ def test_an_unknown_version_is_refused(python, pod, cassandra_env):
     assert "no version or alias 'no-such-version'" in pod.termination_message
 
 
+@pytest.mark.cassandra
+def test_serving_changes_no_schema_so_a_read_only_role_can_serve(python, pod, cassandra, cassandra_settings):
+    """Pods read the registry: a keyspace that is not there is reported, not created (nor its tables)."""
+    missing = f"{cassandra_settings.keyspace}_absent"
+    code, output = run(python, pod, MODEL_SOURCE="registry", CASSANDRA_KEYSPACE=missing)
+    assert_refused(code, output, pod, f"cannot reach the model registry: keyspace {missing} does not exist")
+    cassandra.cluster.refresh_schema_metadata()
+    assert missing not in cassandra.cluster.metadata.keyspaces
+
+
 def test_a_registry_that_is_down_is_reported(python, pod):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

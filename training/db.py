@@ -62,21 +62,24 @@ def schema_statements(text: str) -> list[str]:
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
 
 
+def use_keyspace(session: Session, settings: CassandraSettings, remedy: str) -> None:
+    """Use the settings' keyspace, which must exist; `remedy` says what to do when it does not."""
+    if settings.keyspace not in session.cluster.metadata.keyspaces:
+        raise DatabaseError(f"keyspace {settings.keyspace} does not exist at {settings.where()}; {remedy}")
+    session.set_keyspace(settings.keyspace)
+
+
 def apply_schema(session: Session, settings: CassandraSettings) -> None:
     """Create the keyspace (local node only) and every table of schema.cql that is missing."""
     if settings.astra:
         # Astra refuses CREATE KEYSPACE over CQL: the keyspace is made in its console.
-        if settings.keyspace not in session.cluster.metadata.keyspaces:
-            raise DatabaseError(
-                f"keyspace {settings.keyspace} does not exist in this Astra database; create it in the Astra "
-                "console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one"
-            )
+        use_keyspace(session, settings, "create it in the Astra console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one")
     else:
         session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} "
             "WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
         )
-    session.set_keyspace(settings.keyspace)
+        session.set_keyspace(settings.keyspace)
     for statement in schema_statements(SCHEMA.read_text()):
         session.execute(statement)
 
@@ -90,8 +93,10 @@ def describe(error: BaseException) -> str:
 
 
 @contextmanager
-def connect(settings: CassandraSettings) -> Iterator[Session]:
-    """A session on the settings' keyspace with the schema in place; driver errors become DatabaseError."""
+def connect(settings: CassandraSettings, create_schema: bool = True) -> Iterator[Session]:
+    """A session on the settings' keyspace; driver errors become DatabaseError. With create_schema the keyspace
+    (local node) and any missing table are created first. Serving reads without it, so its credentials (an
+    Astra token with a read-only role) need no permission to change the schema."""
     cluster = Cluster(**cluster_kwargs(settings))
     try:
         try:
@@ -100,7 +105,10 @@ def connect(settings: CassandraSettings) -> Iterator[Session]:
             hint = "" if settings.astra else " (start a local node with scripts/cassandra.sh up, or set CASSANDRA_HOSTS and CASSANDRA_PORT)"
             raise DatabaseError(f"cannot connect to Cassandra at {settings.where()}: {describe(error)}{hint}") from None
         try:
-            apply_schema(session, settings)
+            if create_schema:
+                apply_schema(session, settings)
+            else:
+                use_keyspace(session, settings, "set CASSANDRA_KEYSPACE to the registry's keyspace, or publish a model into this one")
             yield session
         except DRIVER_ERRORS as error:
             raise DatabaseError(f"Cassandra at {settings.where()}: {describe(error)}") from None
