@@ -22,6 +22,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create the project venv (.venv/) with the pinned packages
 
+# --- demo ---------------------------------------------------------------------------------------
+DEMO_FLAGS ?=
+
+demo: venv ## Cassandra, load, train from it, archive, publish, serve from the registry, predict, stop (DEMO_FLAGS="--epochs 3")
+	$(PY) scripts/demo.py --out $(ARTIFACTS)/demo $(DEMO_FLAGS)
+
+.PHONY: demo
+
 # --- training -----------------------------------------------------------------------------------
 train: venv ## train the CNN, export verified TorchScript, write metrics and plots to artifacts/
 	$(PY) -m training train --out $(ARTIFACTS) $(TRAIN_FLAGS)
