@@ -9,6 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARTIFACTS ?= artifacts
 TRAIN_FLAGS ?=
+SOAK_FLAGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -78,12 +79,15 @@ predict: venv ## print the digit the running server reads in IMAGE: make predict
 	$(PY) -m handler.client $(IMAGE)
 
 bench-serve: $(MAR) ## load-test the server (wrk, 1/16/64 connections) against in-process TorchScript
-	scripts/bench-serve.sh --archive $(MAR)
+	scripts/with-wrk.sh $(PY) -m handler.bench --archive $(MAR)
+
+soak: $(MAR) ## 5 min at 64 connections with 10 % malformed requests and a worker kill, then the registry through a database restart
+	scripts/with-wrk.sh $(PY) -m handler.soak --archive $(MAR) --metrics $(ARTIFACTS)/metrics.json $(SOAK_FLAGS)
 
 publish: $(MAR) cassandra-up ## archive and record it in the model registry (mnist-registry publish)
 	$(VENV)/bin/mnist-registry publish $(MAR) --metrics $(ARTIFACTS)/metrics.json
 
-.PHONY: archive serve predict bench-serve publish
+.PHONY: archive serve predict bench-serve soak publish
 
 # --- image and chart ---------------------------------------------------------------------------
 image: ## build the CPU serving image where Docker runs (docker/build.sh cpu; TORCH_INDEX_URL for a CPU-only torch)

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, default=Path("artifacts/logs/bench"), help="TorchServe's logs (default: %(default)s)")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
-        print("error: wrk is not installed; scripts/bench-serve.sh installs it (apt-get install wrk)", file=sys.stderr)
+        print("error: wrk is not installed; scripts/with-wrk.sh installs it (apt-get install wrk)", file=sys.stderr)
         return 1
 
     print(f"before: {load_line()}")

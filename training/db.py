@@ -1,12 +1,14 @@
 """One way into Cassandra or Astra DB: the session, the schema, token-range reads and windowed writes."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from cassandra import DriverException
 from cassandra.auth import PlainTextAuthProvider
@@ -29,6 +31,9 @@ DRIVER_ERRORS = (DriverException, NoHostAvailable, ConnectionException, ErrorMes
 # Failures reach the user once, as DatabaseError at the command line; without this the driver's
 # own warnings about each host it tried would print to stderr as well.
 logging.getLogger("cassandra").addHandler(logging.NullHandler())
+
+
+T = TypeVar("T")
 
 
 class DatabaseError(RuntimeError):
@@ -114,6 +119,27 @@ def connect(settings: CassandraSettings, create_schema: bool = True) -> Iterator
             raise DatabaseError(f"Cassandra at {settings.where()}: {describe(error)}") from None
     finally:
         cluster.shutdown()
+
+
+def retrying(attempt: Callable[[], T], seconds: float, report: Callable[[str], None]) -> T:
+    """attempt() again while it fails with DatabaseError (a node down or restarting), for up to `seconds`,
+    waiting 1, 2, 4, then 8 s between attempts; then the last error, saying how long it was tried.
+    Only for work that is safe to repeat: reads, and writes that go through a temporary file."""
+    deadline = time.monotonic() + seconds
+    for number in itertools.count(1):
+        try:
+            return attempt()
+        except DatabaseError as error:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if number == 1:
+                    raise
+                raise DatabaseError(f"{error} (gave up after {number} attempts in {seconds:g} s)") from None
+            wait = min(2.0 ** min(number - 1, 3), left)
+            reason = f": {error}" if number == 1 else ""  # the same reason each time: said once
+            report(f"attempt {number} failed{reason}; trying again in {wait:.0f} s")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def token_ranges(count: int) -> list[tuple[int, int]]:

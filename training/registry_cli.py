@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("version", metavar="VERSION|ALIAS")
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="directory to write ARCHIVE.mar into (default: .)")
+    p.add_argument("--retry-seconds", type=float, default=30.0, metavar="S",
+                   help="while the database cannot be reached (a node restarting), try again for up to S seconds (default: 30; 0: once)")
 
     p = command("promote", promote, "point an alias (e.g. production) at a version", "Point an alias at a version; download and predict-table accept the alias.")
     p.add_argument("version", metavar="VERSION|ALIAS")
@@ -141,9 +143,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def attempt() -> None:
         with db.connect(cassandra_settings()) as session:
             args.run(Registry(session), args)
+
+    try:
+        # Only download is retried: it writes through a temporary file, so a repeat is harmless.
+        db.retrying(attempt, getattr(args, "retry_seconds", 0), lambda line: print(f"mnist-registry: {line}", file=sys.stderr))
     except (RegistryError, db.DatabaseError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark the served model: installs wrk (Debian package) when missing, then runs
-# `python -m handler.bench` with the arguments given (see --help). Usage: scripts/bench-serve.sh [--seconds 15]
+# Run a load test that needs wrk: installs wrk (Debian package) when missing, then runs the command given.
+# Usage: scripts/with-wrk.sh .venv/bin/python -m handler.bench --seconds 15   (make bench-serve, make soak)
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if ! command -v wrk >/dev/null; then
-    echo "bench-serve: installing wrk (apt-get install wrk)" >&2
+    echo "with-wrk: installing wrk (apt-get install wrk)" >&2
     sudo=""
     [[ $(id -u) == 0 ]] || sudo=sudo
     # A fresh machine may have no package lists yet.
     $sudo apt-get install -y --no-install-recommends wrk >/dev/null \
         || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends wrk >/dev/null; }
 fi
-exec .venv/bin/python -m handler.bench "$@"
+exec "$@"
