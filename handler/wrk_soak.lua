@@ -1,8 +1,15 @@
--- wrk script for `make soak` (handler/soak.py): POST real digit PNGs, and every BAD_EVERY-th request a
--- malformed body instead; count what was sent of each, the answers by status class, and the 2xx answers
--- per wall-clock second; print the run as one JSON line.
--- Usage: wrk -t2 -c64 -d60s -s handler/wrk_soak.lua URL -- BAD_EVERY good1.png ... bad-x.bad.bin bad-y.bad.json ...
--- Files named *.bad.* are the malformed bodies; *.json files go as application/json.
+-- wrk script for `make soak` (handler/soak.py): POST real digit PNGs and, every BAD_EVERY-th request, a
+-- malformed body instead; count each answer against the kind of request it answers, per kind and per second.
+-- Usage: wrk -t64 -c64 -d60s -s handler/wrk_soak.lua URL -- BAD_EVERY digit.png ... KIND|CONTENT-TYPE|PATH ...
+-- Digits go as image/png; each KIND|CONTENT-TYPE|PATH is a malformed body of that kind.
+--
+-- Run it with one connection per thread (-t equal to -c): wrk's response() does not say which request it
+-- answers, but a thread with one connection alternates request() and response(), so `pending` does.
+-- done() prints one JSON line: wrk's summary; "counts" keyed "KIND sent", "KIND 2xx|4xx|5xx|other" and
+-- "KIND unanswered" (in flight when wrk stopped); "resent" (requests sent again because no answer came: wrk
+-- reconnected after a dropped connection, which it counts as a socket error, or the first write did not
+-- start); "ok_per_second" (digits answered 2xx) and "failed_per_second" (a digit answered other than 2xx,
+-- a malformed body other than 4xx), keyed by epoch second.
 
 local threads = {}
 
@@ -18,63 +25,77 @@ local function read(path)
   return body
 end
 
+local function add(counter, key)
+  counter[key] = (counter[key] or 0) + 1
+end
+
 function init(args)
   bad_every = tonumber(args[1])
   good, bad = {}, {}
   for i = 2, #args do
-    local path = args[i]
-    local content_type = path:match("%.json$") and "application/json" or "application/octet-stream"
+    local kind, content_type, path = args[i]:match("^([^|]+)|([^|]+)|(.+)$")
     -- Formatted once here: building a request per call would cost wrk the time it measures.
-    local request = wrk.format("POST", nil, {["Content-Type"] = content_type}, read(path))
-    if path:match("%.bad%.") then bad[#bad + 1] = request else good[#good + 1] = request end
+    local request = wrk.format("POST", nil, {["Content-Type"] = content_type or "image/png"}, read(path or args[i]))
+    if kind then bad[#bad + 1] = {kind = kind, request = request} else good[#good + 1] = request end
   end
-  assert(#good > 0 and #bad > 0 and bad_every and bad_every > 1, "usage: -- BAD_EVERY good files... *.bad.* files...")
-  sent, sent_good, sent_bad = id * 7, 0, 0  -- threads start at different files
-  status_2xx, status_4xx, status_5xx, status_other = 0, 0, 0, 0
-  ok_per_second = {}
+  assert(#good > 0 and #bad > 0 and bad_every and bad_every > 1, "usage: -- BAD_EVERY digit.png... KIND|CONTENT-TYPE|PATH...")
+  sent = id * 7  -- threads start at different digits and kinds
+  pending, last = nil, nil  -- the kind of the request on the connection, until its answer, and the request
+  counts, ok_per_second, failed_per_second, resent = {}, {}, {}, 0
 end
 
 function request()
+  if pending then  -- no answer to the last request: send it again, counted once
+    resent = resent + 1
+    return last
+  end
   sent = sent + 1
   if sent % bad_every == 0 then
-    sent_bad = sent_bad + 1
-    return bad[math.floor(sent / bad_every) % #bad + 1]
+    local body = bad[math.floor(sent / bad_every) % #bad + 1]
+    pending, last = body.kind, body.request
+  else
+    pending, last = "good", good[sent % #good + 1]
   end
-  sent_good = sent_good + 1
-  return good[sent % #good + 1]
+  add(counts, pending .. " sent")
+  return last
 end
 
-function response(status, headers, body)
-  if status >= 200 and status < 300 then
-    status_2xx = status_2xx + 1
-    local second = os.time()
-    ok_per_second[second] = (ok_per_second[second] or 0) + 1
-  elseif status >= 400 and status < 500 then
-    status_4xx = status_4xx + 1
-  elseif status >= 500 then
-    status_5xx = status_5xx + 1
+function response(status)
+  local kind = pending or "unmatched"
+  pending = nil
+  local class = (status >= 200 and status < 300 and "2xx") or (status >= 400 and status < 500 and "4xx")
+    or (status >= 500 and "5xx") or "other"
+  add(counts, kind .. " " .. class)
+  if class == (kind == "good" and "2xx" or "4xx") then
+    if kind == "good" then add(ok_per_second, os.time()) end
   else
-    status_other = status_other + 1
+    add(failed_per_second, os.time())
   end
+end
+
+local function json_object(counter)
+  local items = {}
+  for key, count in pairs(counter) do items[#items + 1] = string.format('"%s": %d', key, count) end
+  return "{" .. table.concat(items, ", ") .. "}"
 end
 
 function done(summary, latency, _)
-  local totals = {sent_good = 0, sent_bad = 0, status_2xx = 0, status_4xx = 0, status_5xx = 0, status_other = 0}
-  local seconds = {}
-  for _, thread in ipairs(threads) do
-    for key in pairs(totals) do totals[key] = totals[key] + thread:get(key) end
-    for second, count in pairs(thread:get("ok_per_second")) do seconds[second] = (seconds[second] or 0) + count end
+  local counts, ok, failed, resent = {}, {}, {}, 0
+  local function merge(into, from)
+    for key, count in pairs(from) do into[key] = (into[key] or 0) + count end
   end
-  local per_second = {}
-  for second, count in pairs(seconds) do per_second[#per_second + 1] = string.format('"%d": %d', second, count) end
+  for _, thread in ipairs(threads) do
+    merge(counts, thread:get("counts"))
+    merge(ok, thread:get("ok_per_second"))
+    merge(failed, thread:get("failed_per_second"))
+    resent = resent + thread:get("resent")
+    local in_flight = thread:get("pending")
+    if in_flight then add(counts, in_flight .. " unanswered") end
+  end
   local errors = summary.errors
   io.write(string.format(
     '{"requests": %d, "seconds": %.6f, "p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f, '
-      .. '"connect": %d, "read": %d, "write": %d, "timeout": %d, '
-      .. '"sent_good": %d, "sent_bad": %d, "status_2xx": %d, "status_4xx": %d, "status_5xx": %d, "status_other": %d, '
-      .. '"ok_per_second": {%s}}\n',
+      .. '"connect": %d, "read": %d, "write": %d, "timeout": %d, "resent": %d, "counts": %s, "ok_per_second": %s, "failed_per_second": %s}\n',
     summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3,
-    errors.connect, errors.read, errors.write, errors.timeout,
-    totals.sent_good, totals.sent_bad, totals.status_2xx, totals.status_4xx, totals.status_5xx, totals.status_other,
-    table.concat(per_second, ", ")))
+    errors.connect, errors.read, errors.write, errors.timeout, resent, json_object(counts), json_object(ok), json_object(failed)))
 end

@@ -11,12 +11,14 @@
 # CASSANDRA_PORT (9042), CASSANDRA_HEAP (1g), CASSANDRA_JVM_OPTS,
 # CASSANDRA_VERSION (default: the one in scripts/cassandra/pom.xml),
 # MNIST_SERVE_CACHE (~/.cache/mnist-serve), JAVA_HOME.
+# CASSANDRA_STORAGE_PORT (7000), CASSANDRA_JMX_PORT (7199). A second node (other
+# ports and MNIST_SERVE_CACHE) shares the jars with CASSANDRA_LIB=<first cache>/cassandra/lib.
 set -o errexit -o nounset -o pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TEMPLATES=$HERE/cassandra
 CACHE=${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}/cassandra
-LIB=$CACHE/lib
+LIB=${CASSANDRA_LIB:-$CACHE/lib}
 CONF=$CACHE/conf
 DATA=$CACHE/data
 LOGS=$CACHE/logs

@@ -1,58 +1,113 @@
-"""The model registry through a real database restart, on a Cassandra node of the test's own (handler/soak.py
-ScratchNode: other ports and directories, so the shared node other tests use keeps running): a download with the
-node down retries and then fails in one line, a download across the restart succeeds, and a publish the node
-stops under leaves no visible version. `make soak` prints the same run's figures; the retry rule is unit-tested."""
+"""The invariants behind `make soak` (handler/soak.py prints the figures): under concurrent mixed traffic
+every malformed request gets its 4xx and every digit its 200; the model registry through a real database
+restart, on a Cassandra node of the test's own (other ports and directories, so the shared node other tests
+use keeps running): a download with the node down retries and then fails in one line, a download across the
+restart succeeds, and a publish the node stops under leaves no visible version."""
 from __future__ import annotations
 
+import http.client
+import itertools
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 
-from handler.soak import ScratchNode, registry, registry_through_a_restart
+from handler.client import parse
+from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
+from test_serve import archive, digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
 from training import db
 
-pytestmark = [pytest.mark.cassandra, pytest.mark.slow]
+MIXED_LOAD_S = 10.0
+THREADS = 32
 
+
+# --- concurrent mixed traffic --------------------------------------------------------------------
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_each_digit_its_200(server, known):  # noqa: F811
+    """For 10 s, 32 threads send one malformed body in ten (each kind soak.py mixes in, in turn) among digits
+    the model reads right; bad and good requests share batches and workers, and each gets its own answer.
+    Each thread keeps its connection open, as wrk and browsers do: on a connection the client closes after
+    each request, the frontend resets some over-size uploads instead of answering 413 (README, Reliability)."""
+    images, labels = known
+    url = urlsplit(server.url())
+    bad = list(malformed(encoded(images[0])).items())
+    numbers = itertools.count()  # next() on it is atomic: each request gets its own number
+    deadline = time.monotonic() + MIXED_LOAD_S
+    wrong, answered, lock = [], {"good": 0, "bad": 0}, threading.Lock()
+
+    def send_until_the_deadline() -> None:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        while time.monotonic() < deadline:
+            n = next(numbers)
+            if n % 10 == 9:
+                kind, (body, content_type, status) = bad[n // 10 % len(bad)]
+                expected, digit = status, None
+            else:
+                kind, body, content_type = "good", encoded(images[n % len(images)]), "image/png"
+                expected, digit = 200, int(labels[n % len(labels)])
+            try:
+                connection.request("POST", url.path, body, {"Content-Type": content_type})
+                reply = connection.getresponse()
+                status, answer = reply.status, parse(reply.read())
+            except (OSError, http.client.HTTPException) as error:  # a dropped connection
+                connection.close()  # the next request opens a new one
+                status, answer = None, repr(error)
+            with lock:
+                answered["good" if digit is not None else "bad"] += 1
+                if status != expected or (digit is not None and answer.get("digit") != digit):
+                    wrong.append((kind, expected, status, str(answer)[:80]))
+        connection.close()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        for done in [pool.submit(send_until_the_deadline) for _ in range(THREADS)]:
+            done.result()
+    assert not wrong, f"{len(wrong)} of {sum(answered.values())} answered wrongly, e.g. {wrong[:5]}"
+    assert answered["bad"] >= 10 * len(bad), f"only {answered} requests in {MIXED_LOAD_S:g} s: too few to hold the invariant"
+
+
+# --- the registry through a database restart -----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def scratch_node():
-    node = ScratchNode()
-    node.up()
-    yield node
-    node.down()
+def scratch():
+    """A Cassandra node of this module's own, on empty data; stopped and its data removed afterwards."""
+    with scratch_node() as node:
+        yield node
 
 
-def test_the_registry_through_a_database_restart(scratch_node, model_archive, metrics_file, tmp_path):
-    keyspace = f"restart_{os.getpid()}"
-    env = {**scratch_node.env, "CASSANDRA_KEYSPACE": keyspace}
-    published = registry(env, "publish", str(model_archive), "--metrics", str(metrics_file), "--version", "1")
-    assert published.returncode == 0, published.stderr
-
-    figures = registry_through_a_restart(scratch_node, keyspace, model_archive, metrics_file, tmp_path, retry_s=4)
+@pytest.mark.cassandra
+@pytest.mark.slow
+def test_the_registry_through_a_database_restart(scratch, model_archive, metrics_file, tmp_path):
+    retry_s = 4
+    figures = registry_through_a_restart(scratch, f"restart_{os.getpid()}", model_archive, metrics_file, tmp_path, retry_s)
+    where = f"127.0.0.1:{scratch.port}"
 
     # Down: it said it would try again, tried for its budget, and ended with one error line.
     failed = figures.failed_download
+    lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 1
-    assert "mnist-registry: attempt 1 failed: cannot connect to Cassandra at 127.0.0.1:9142" in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1].startswith("error: cannot connect to Cassandra at 127.0.0.1:9142")
-    assert "gave up after" in failed.stderr
-    assert 4 <= figures.failed_after_s < 4 + 30  # its budget, plus one connect timeout and the start of Python
+    assert lines[0].startswith(f"mnist-registry: attempt 1 failed: cannot connect to Cassandra at {where}")
+    assert len(lines) >= 3 and all(line.startswith("mnist-registry: attempt ") for line in lines[:-1])
+    assert lines[-1].startswith(f"error: cannot connect to Cassandra at {where}") and "gave up after" in lines[-1]
+    assert retry_s <= figures.failed_after_s < retry_s + 30  # its budget, plus one connect timeout and Python's start
     assert not (tmp_path / "while-down").exists() or not any((tmp_path / "while-down").iterdir())
 
-    # Across the restart: started while the node was down, it retried and then wrote the archive.
+    # Across the restart: started while the node was down, it retried, then wrote the archive.
     recovered = figures.recovered_download
     assert recovered.returncode == 0, recovered.stderr
     assert "attempt 1 failed" in recovered.stderr
     assert (tmp_path / "after-restart" / model_archive.name).read_bytes() == model_archive.read_bytes()
 
-    # Cut off: some chunks were written when the node stopped, the publish failed, and no version shows.
-    assert figures.interrupted_after_chunks >= 1
-    assert "Cassandra at 127.0.0.1:9142" in figures.interrupted_error
-    assert not figures.visible_after_interruption
+    # Cut off: the node stopped with chunks written, the publish failed, and `list` shows no such version.
+    assert 1 <= figures.interrupted_after_chunks < figures.interrupted_of_chunks
+    assert f"Cassandra at {where}" in figures.interrupted_error
+    assert figures.listed_after_interruption.returncode == 0, figures.listed_after_interruption.stderr
+    assert listed_versions(figures.listed_after_interruption) == ["1"]
     assert figures.republished.returncode == 0, figures.republished.stderr
-    listed = registry(env, "list")
-    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["1", "big"]
-    scratch_node.drop(keyspace)
 
 
 # --- the retry rule ------------------------------------------------------------------------------
@@ -80,9 +135,9 @@ def waits(monkeypatch) -> list[float]:
 
 def test_a_database_error_is_tried_again_with_growing_waits(waits):
     lines: list[str] = []
-    attempt = Flaky(4, db.DatabaseError("node down"))
+    attempt = Flaky(5, db.DatabaseError("node down"))
     assert db.retrying(attempt, 60, lines.append) == "done"
-    assert attempt.calls == 5 and waits == [1, 2, 4, 8]
+    assert attempt.calls == 6 and waits == [1, 2, 4, 8, 8]
     assert lines[0] == "attempt 1 failed: node down; trying again in 1 s"
     assert lines[1] == "attempt 2 failed; trying again in 2 s"
 

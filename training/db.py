@@ -91,9 +91,10 @@ def apply_schema(session: Session, settings: CassandraSettings) -> None:
 
 def describe(error: BaseException) -> str:
     """One line for a driver error (NoHostAvailable carries a dict of per-host errors)."""
-    if isinstance(error, NoHostAvailable) and error.errors:
+    if isinstance(error, NoHostAvailable):  # its str() is a tuple's, with an empty dict when no host was tried
         reasons = "; ".join(f"{host}: {reason}" for host, reason in error.errors.items())
-        return f"{error.args[0] if error.args else 'no host available'} ({reasons})"
+        first = error.args[0] if error.args else "no host available"
+        return f"{first} ({reasons})" if reasons else first
     return " ".join(str(error).split()) or type(error).__name__
 
 
