@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from PIL import Image
 
 from handler import inputs
+from handler.client import encoded
 from handler.mnist_handler import answer
 from handler.server import CONFIG, Ports, Server, start_torchserve
 
@@ -97,7 +97,7 @@ def write_pngs(images: np.ndarray, directory: Path) -> list[Path]:
     paths = []
     for number, image in enumerate(images):
         path = directory / f"{number:04d}.png"
-        Image.fromarray(image).save(path)
+        path.write_bytes(encoded(image))
         paths.append(path)
     return paths
 

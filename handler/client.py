@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import urllib.error
@@ -9,8 +10,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+import numpy as np
+from PIL import Image
+
 DEFAULT_URL = "http://127.0.0.1:8080/predictions/mnist"
 TIMEOUT_S = 30.0
+
+
+def encoded(image: np.ndarray, image_format: str = "PNG") -> bytes:
+    """A digit (28 x 28 uint8 pixels) as the bytes of an image file, a request body the server reads."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, image_format)
+    return buffer.getvalue()
 
 
 class ServerUnreachable(ConnectionError):

@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
-
 from handler.bench import MemoryPeaks, digit_images, load_line, verdict, write_pngs
+from handler.client import encoded
 from handler.server import Ports, Server, start_torchserve
 from training.config import cache_dir
 
@@ -75,17 +74,11 @@ def malformed(png: bytes) -> dict[str, tuple[bytes, str, int]]:
     }
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def wrk_arguments(directory: Path) -> list[str]:
     """The files wrk_soak.lua sends, written into `directory`: digit PNGs, then KIND|CONTENT-TYPE|PATH per malformed kind."""
     images, _ = digit_images(DIGIT_COUNT)
     arguments = [str(path) for path in write_pngs(images, directory)]
-    for kind, (body, content_type, _) in malformed(png_bytes(images[0])).items():
+    for kind, (body, content_type, _) in malformed(encoded(images[0])).items():
         path = directory / f"bad-{kind}"
         path.write_bytes(body)
         arguments.append(f"{kind}|{content_type}|{path}")
@@ -325,7 +318,9 @@ def big_archive(path: Path, megabytes: int) -> Path:
     """A valid .mar (a zip with TorchServe's manifest) holding incompressible bytes, so a publish takes many chunks."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "mnist", "serializedFile": "model.pt"}}))
-        archive.writestr("model.pt", os.urandom(megabytes << 20))
+        with archive.open("model.pt", "w") as member:
+            for start in range(0, megabytes, 8):  # 8 MiB at a time: a big one never sits in memory whole
+                member.write(os.urandom(min(8, megabytes - start) << 20))
     return path
 
 

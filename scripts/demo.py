@@ -21,7 +21,6 @@ import argparse
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -43,10 +42,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's training/ and handler/, however
 
 import numpy as np  # noqa: E402 (needs the path above)
 import psutil  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from handler import archive  # noqa: E402
-from handler.client import post  # noqa: E402
+from handler.client import encoded, post  # noqa: E402
 from handler.server import MODEL_NAME, Ports, config_with_ports  # noqa: E402
 from training import db  # noqa: E402
 from training.cassandra_source import LAYOUTS  # noqa: E402
@@ -372,12 +370,6 @@ def reusable_model(model_dir: Path, key: str, data_fingerprint: str) -> str | No
 
 
 # --- the digits ---------------------------------------------------------------------------------
-
-def encoded(image: np.ndarray, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, image_format)
-    return buffer.getvalue()
-
 
 def base64_of(data: bytes) -> str:
     return base64.b64encode(data).decode()
