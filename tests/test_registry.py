@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import zipfile
 
 import pytest
 from conftest import ROOT, run_cli
+
+from handler.soak import big_archive
 
 from training.registry import (
     AliasInUse, CorruptArchive, DuplicateVersion, MissingChunk, Registry, VersionNotFound, read_metrics,
@@ -130,12 +131,7 @@ def test_a_missing_chunk_is_refused_on_download(small_chunks, cassandra, model_a
 
 
 def test_a_killed_publish_leaves_no_version(registry, cassandra, cassandra_env, model_archive, metrics, metrics_file, tmp_path):
-    big = tmp_path / "big.mar"
-    with zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"serializedFile": "model.pt"}}))
-        with archive.open("model.pt", "w") as member:
-            for _ in range(BIG_MIB // 8):
-                member.write(os.urandom(8 << 20))  # random: nothing compresses it away
+    big = big_archive(tmp_path / "big.mar", BIG_MIB)
     total_chunks = -(-big.stat().st_size // (1 << 20))
     publish = subprocess.Popen(
         [sys.executable, "-m", "training.registry_cli", "publish", str(big), "--metrics", str(metrics_file), "--version", "killed-1"],
