@@ -15,13 +15,14 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 # --- set-up -------------------------------------------------------------------------------------
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/venv.sh
+	PYTHON=$(PYTHON) scripts/venv.sh $(VENV)
 	touch $@
 
-venv: $(VENV)/.installed ## create the project venv (.venv/) with the pinned packages
+venv: $(VENV)/.installed ## create the project venv (.venv/) from requirements.lock
+
+lock: ## re-resolve pyproject.toml's dependencies today into requirements.lock (and the image's pins)
+	scripts/lock.sh
 
 # --- demo ---------------------------------------------------------------------------------------
 DEMO_FLAGS ?=
@@ -126,4 +127,4 @@ test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)
 clean: ## remove artifacts/ (caches outside the checkout stay)
 	rm -rf $(ARTIFACTS)
 
-.PHONY: help venv train test clean cassandra-up cassandra-down cassandra-status load-data train-db predict-table bench-db
+.PHONY: help venv lock train test clean cassandra-up cassandra-down cassandra-status load-data train-db predict-table bench-db

@@ -20,7 +20,7 @@ mkdir -p "$BIN" "$BUILD"
 # local toolchain only: go must never try to download a newer one.
 # Module and build caches live in the cache dir so a fresh checkout rebuilds nothing.
 # CGO off: static binaries, as upstream releases them, and no C compiler needed.
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
+export GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0 \
   GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build"
 
 # Other work shares the 2 cores; -p 2 also caps the memory of parallel links.
@@ -41,6 +41,21 @@ gomod_of() { # gomod_of MODULE@VERSION: path of that module's go.mod in the modu
   local json
   json="$(go mod download -json "$1")" || { echo "$json" >&2; return 1; }
   sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p' <<<"$json"
+}
+
+# Each tool is built from exactly its pinned module version, never a newer release go chose on its
+# own: checked after `go get` in a wrapper module (before the long build), and in every binary.
+check_resolved() { # check_resolved MODULE WANT   (in the wrapper module's directory)
+  pinned_or_fail "$1" "$(go list -m -f '{{.Version}}' "$1")" "$2"
+}
+check_module() { # check_module BINARY MODULE WANT   (the module versions go records in the binary)
+  pinned_or_fail "$2" "$(go version -m "$1" | awk -v m="$2" '($1 == "mod" || $1 == "dep") && $2 == m { print $3; exit }')" "$3"
+}
+pinned_or_fail() { # pinned_or_fail MODULE GOT WANT
+  if [[ "$2" != "$3" ]]; then
+    echo "error: $1 resolved to ${2:-nothing}, pinned $3 (scripts/versions.env)" >&2
+    return 1
+  fi
 }
 
 # Refuse to stamp a binary that does not report the pinned version: a wrong
@@ -66,12 +81,15 @@ install_helm() {
     -X $v/pkg/chartutil.k8sVersionMajor=1 -X $v/pkg/chartutil.k8sVersionMinor=$k8s_minor"
   GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" \
     "$v/cmd/helm@$HELM_VERSION"
+  check_module "$BIN/helm" "$v" "$HELM_VERSION"
   check_version "$HELM_VERSION" "$BIN/helm" version --template '{{.Version}}'
 }
 
 install_kwok() {
   GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "-s -w" \
     "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  check_module "$BIN/kwok" sigs.k8s.io/kwok "$KWOK_VERSION"
+  check_module "$BIN/kwokctl" sigs.k8s.io/kwok "$KWOK_VERSION"
   check_version "$KWOK_VERSION" "$BIN/kwok" --version
   check_version "$KWOK_VERSION" "$BIN/kwokctl" --version
 }
@@ -84,6 +102,9 @@ install_kube() {
   # kubectl too: the machine's may be several minors older than the API server (skew warnings).
   local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   local pkgs=("${cmds[@]/#/k8s.io/kubernetes/cmd/}")
+  # Each package with its version: without one, go upgrades k8s.io/kubernetes to its newest
+  # release, which does not build against the staging modules pinned below.
+  local versioned=("${pkgs[@]/%/@$KUBE_VERSION}")
   local minor patch
   IFS=. read -r _ minor patch <<<"$KUBE_VERSION"
   local staging_version="v0.$minor.$patch"
@@ -96,7 +117,8 @@ install_kube() {
   { echo "module mnist-serve.local/kube-tools"; grep -E '^(go|godebug) ' "$gomod"; } >"$dir/go.mod"
   local edits=(-require="k8s.io/kubernetes@$KUBE_VERSION")
   for m in $staging; do edits+=(-replace="$m=$m@$staging_version"); done
-  (cd "$dir" && go mod edit "${edits[@]}" && go_nice get -tool "${pkgs[@]}")
+  (cd "$dir" && go mod edit "${edits[@]}" && go_nice get -tool "${versioned[@]}")
+  (cd "$dir" && check_resolved k8s.io/kubernetes "$KUBE_VERSION")
 
   # Without these the binaries report v0.0.0 and kwokctl picks obsolete flags.
   local ldflags="-s -w
@@ -107,6 +129,7 @@ install_kube() {
     -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
   (cd "$dir" && go_nice build "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" -o "$BIN/" "${pkgs[@]}")
   for m in kube-apiserver kube-controller-manager kube-scheduler; do check_version "$KUBE_VERSION" "$BIN/$m" --version; done
+  for m in "${cmds[@]}"; do check_module "$BIN/$m" k8s.io/kubernetes "$KUBE_VERSION"; done
   check_version "$KUBE_VERSION" "$BIN/kubectl" version --client
 }
 
@@ -115,8 +138,9 @@ install_etcd() {
   local dir="$BUILD/etcd-$ETCD_VERSION" pkg=go.etcd.io/etcd/server/v3
   rm -rf "$dir" && mkdir -p "$dir"
   (cd "$dir" && go_nice mod init mnist-serve.local/etcd-tools &&
-    go_nice get -tool "$pkg@$ETCD_VERSION" &&
+    go_nice get -tool "$pkg@$ETCD_VERSION" && check_resolved "$pkg" "$ETCD_VERSION" &&
     go_nice build "${BUILD_FLAGS[@]}" -ldflags "-s -w" -o "$BIN/etcd" "$pkg")
+  check_module "$BIN/etcd" "$pkg" "$ETCD_VERSION"
   check_version "${ETCD_VERSION#v}" "$BIN/etcd" --version
 }
 
@@ -135,6 +159,9 @@ install() { # install TOOL VERSION BINARY...
   echo "$version" >"$BIN/.$tool.version"
   printf '%-5s %-9s installed in %ss\n' "$tool" "$version" "$((SECONDS - start))"
 }
+
+# Sourced (by tests/test_pinned_tools.py): the functions only.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
 tools=("$@")
 [[ ${#tools[@]} -gt 0 ]] || tools=(helm kwok etcd kube)

@@ -102,3 +102,23 @@ def metrics_file(tmp_path_factory) -> Path:
         "data_fingerprint": "06b0d1f1" * 8, "git_commit": "0123abc", "torch_version": "2.14.1",
     }))
     return path
+
+
+# --- time per phase ----------------------------------------------------------------------------------
+# Each test file is a phase of `make test` (its first test's set-up includes what its fixtures build:
+# the Kubernetes tools, the image venv, the reference model), so the budget can be read off one run.
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    file = report.nodeid.split("::")[0]
+    _seconds_per_file[file] = _seconds_per_file.get(file, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _seconds_per_file:
+        return
+    terminalreporter.section("seconds per test file (set-up, tests, tear-down)")
+    for file, seconds in sorted(_seconds_per_file.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {file}")
+    terminalreporter.write_line(f"{sum(_seconds_per_file.values()):8.1f}  in all")

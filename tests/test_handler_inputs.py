@@ -4,12 +4,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import struct
 import time
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,15 +158,8 @@ def test_an_mnist_style_digit_comes_back_unchanged():
     assert np.array_equal(one_image(encoded(Image.fromarray(digit))), digit / np.float32(255))
 
 
-MNIST_TEST_IMAGES = (
-    Path(os.environ.get("MNIST_SERVE_CACHE", Path.home() / ".cache" / "mnist-serve"))
-    / "mnist" / "t10k-images-idx3-ubyte"
-)
-
-
-@pytest.mark.skipif(not MNIST_TEST_IMAGES.exists(), reason="MNIST test images not downloaded yet")
-def test_real_mnist_digits_come_back_nearly_unchanged():
-    digits = np.frombuffer(MNIST_TEST_IMAGES.read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
+def test_real_mnist_digits_come_back_nearly_unchanged(mnist):
+    digits = mnist.test_images
     sample = digits[:: len(digits) // 500]
     errors = np.array([np.abs(one_image(encoded(Image.fromarray(d))) - d / 255.0).max() for d in sample])
     # Unchanged but for the contrast stretch of digits whose darkest pixel is 254, not 255.

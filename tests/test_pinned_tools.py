@@ -1,0 +1,70 @@
+"""Every download names its exact version: the Go tools' resolution is checked against scripts/versions.env,
+and no script asks go, Maven or apt for whatever is newest."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL = ROOT / "scripts" / "install-k8s-tools.sh"
+SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("k8s/*.sh"), *ROOT.glob("docker/*.sh")])
+
+
+def versions() -> dict[str, str]:
+    return dict(re.findall(r"^(\w+_VERSION)=(\S+)$", (ROOT / "scripts" / "versions.env").read_text(), re.MULTILINE))
+
+
+def with_functions(command: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    """Run COMMAND with install-k8s-tools.sh's functions loaded (it only defines them when sourced)."""
+    env = {**os.environ, "MNIST_SERVE_CACHE": str(cache)}
+    return subprocess.run(["bash", "-c", f'source "{INSTALL}"; {command}'], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    done = subprocess.run([str(INSTALL), "helm"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr
+    return Path(os.environ.get("MNIST_SERVE_CACHE", Path.home() / ".cache" / "mnist-serve")) / "bin" / "helm"
+
+
+def test_a_binary_built_from_another_version_is_refused_in_one_line(helm, tmp_path):
+    pinned = versions()["HELM_VERSION"]
+    same = with_functions(f'check_module "{helm}" helm.sh/helm/v3 {pinned}', tmp_path, tmp_path / "cache")
+    assert same.returncode == 0, same.stderr
+    other = with_functions(f'check_module "{helm}" helm.sh/helm/v3 v3.20.0', tmp_path, tmp_path / "cache")
+    assert other.returncode != 0
+    assert other.stderr.splitlines() == [f"error: helm.sh/helm/v3 resolved to {pinned}, pinned v3.20.0 (scripts/versions.env)"]
+
+
+def test_a_wrapper_module_resolved_to_another_version_is_refused_in_one_line(tmp_path):
+    """What a versionless `go get` did to k8s.io/kubernetes: the wrapper now names the version it resolved."""
+    (tmp_path / "go.mod").write_text("module example.local/wrapper\n\ngo 1.24\n\nrequire k8s.io/kubernetes v1.37.2\n")
+    done = with_functions(f"check_resolved k8s.io/kubernetes {versions()['KUBE_VERSION']}", tmp_path, tmp_path / "cache")
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [f"error: k8s.io/kubernetes resolved to v1.37.2, pinned {versions()['KUBE_VERSION']} (scripts/versions.env)"]
+
+
+def test_every_go_get_and_install_names_its_version():
+    for script in SCRIPTS:
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            words = line.split()
+            for i, (a, b) in enumerate(zip(words, words[1:])):
+                if a in ("go", "go_nice") and b in ("get", "install"):
+                    arguments = words[i + 2:]
+                    unversioned = [w for w in arguments if re.match(r'"?[a-z0-9.-]+\.[a-z]+/', w) and "@" not in w]
+                    # An array of packages must be the one built with "@$VERSION" appended.
+                    arrays = [w for w in arguments if w.startswith('"${') and "[@]}" in w and not w.startswith(('"${versioned', '"${BUILD_FLAGS'))]
+                    assert not unversioned and not arrays, f"{script.name}:{number}: {line.strip()}"
+
+
+def test_maven_plugins_and_apt_packages_are_pinned():
+    pom = (ROOT / "scripts" / "cassandra" / "pom.xml").read_text()
+    assert re.search(r"<artifactId>maven-dependency-plugin</artifactId>\s*<version>\d+\.\d+\.\d+</version>", pom)
+    for script in SCRIPTS:
+        for line in script.read_text().splitlines():
+            if re.match(r"\s*(\$sudo )?apt-get install", line) or "&& $sudo apt-get install" in line:
+                assert re.search(r'"\$\w+"|=\S+', line.split("apt-get install", 1)[1]), f"{script.name}: {line.strip()}"
