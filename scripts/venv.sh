@@ -15,7 +15,8 @@ start=$SECONDS
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$(grep '^pip==' "$LOCK")"
 "${pip[@]}" --no-deps --requirement "$LOCK"
-# setuptools comes from the lock too (pyproject's build-system pins the same version).
-"${pip[@]}" --no-deps --no-build-isolation --editable "$ROOT"
+# setuptools comes from the lock too (pyproject's build-system pins the same version). Its warning that
+# folders named like the packages may shadow them is about exactly these folders: not shown.
+PYTHONWARNINGS=ignore "${pip[@]}" --no-deps --no-build-isolation --editable "$ROOT"
 "$VENV/bin/python" -m pip check --disable-pip-version-check >/dev/null
 echo "venv: $(grep -c '==' "$LOCK") locked packages installed in $VENV in $((SECONDS - start)) s"
