@@ -1,11 +1,15 @@
-# syntax=docker/dockerfile:1
 # mnist-serve: TorchServe 0.12 with the mnist handler, for CPU nodes (VARIANT=cpu) and NVIDIA GPU nodes
 # (VARIANT=gpu). Build it with `make image` / `make image-gpu` / `make image-with-model` (docker/build.sh).
 #
 #   targets   serve        the server; it downloads its model from the registry at start (the default)
 #             with-model   the same plus an archive built into the image (MODEL_SOURCE=image: kind, air-gapped)
 #             train        the training job (k8s/train-job.yaml): the same stack plus plots and the archiver
-#   args      VARIANT=cpu|gpu, TORCH_INDEX_URL (CPU-only torch, see docker/install.sh), MODEL_ARCHIVE
+#   args      VARIANT=cpu|gpu, TORCH_INDEX_URL (CPU-only torch, see docker/install.sh), MODEL_ARCHIVE,
+#             PYTHON_IMAGE, CUDA_IMAGE, CUDA_COMPAT=image|skip (docker/build.sh chooses them where the
+#             defaults cannot be pulled)
+#   secret    ca: a CA bundle for pip behind a TLS-intercepting proxy, used by the builder stages only
+#
+# No "# syntax=" line: it makes BuildKit pull a frontend image; the built-in frontend suffices.
 #
 # Every install and start step is a script (docker/install.sh, docker/entrypoint.py) that the tests
 # also run on a machine without Docker (tests/test_image.py, tests/test_entrypoint.py).
@@ -18,40 +22,40 @@ ARG VARIANT=cpu
 # Pinned by exact tag; to pin by digest as well, pass the image as NAME:TAG@sha256:DIGEST.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
-
-FROM ${CUDA_IMAGE} AS cuda
+ARG CUDA_COMPAT=image
 
 # --- the Python environment, built apart so no installer reaches the final stage -------------------
 FROM ${PYTHON_IMAGE} AS builder
 ARG VARIANT
 ARG TORCH_INDEX_URL=""
+# The venv's variant: docker/build.sh passes gpu for a cpu image without a CPU-only torch index, whose
+# venv is the same set of files, so both images share this layer instead of building it twice.
+ARG VENV_VARIANT=${VARIANT}
 COPY docker/install.sh docker/requirements.txt docker/requirements-cuda.txt docker/requirements-train.txt /src/docker/
-RUN --mount=type=cache,target=/root/.cache/pip \
-    TORCH_INDEX_URL="${TORCH_INDEX_URL}" /src/docker/install.sh python "${VARIANT}" /opt/venv --without-pip
+# The CA bundle is a secret mount: it exists only while this command runs, never in a layer.
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+    TORCH_INDEX_URL="${TORCH_INDEX_URL}" /src/docker/install.sh python "${VENV_VARIANT}" /opt/venv --without-pip
 
+# The training image's additions, apart from the venv: its image then shares the serving venv's layer.
 FROM builder AS builder-train
-ARG VARIANT
-ARG TORCH_INDEX_URL=""
-RUN --mount=type=cache,target=/root/.cache/pip \
-    TORCH_INDEX_URL="${TORCH_INDEX_URL}" /src/docker/install.sh python "${VARIANT}" /opt/venv --with-training --without-pip
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+    /src/docker/install.sh training /opt/venv /opt/training
 
-# --- what differs between the variants at run time -------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime-cpu
-
-FROM ${PYTHON_IMAGE} AS runtime-gpu
+# --- the driver forward-compatibility libraries (GPU variant) ----------------------------------------
 # A driver older than CUDA 13 needs (< 580) on a data-centre GPU (the T4 of g4dn, A10G of g5) runs
 # CUDA 13 through these libraries; the NVIDIA container toolkit (1.17.5+) puts them in use only then.
-COPY --from=cuda /usr/local/cuda-13.0/compat/ /usr/local/cuda/compat/
-# Which driver parts the NVIDIA container toolkit mounts: CUDA, and nvidia-smi (TorchServe counts
-# GPUs with it). No NVIDIA_VISIBLE_DEVICES here: the device plugin sets it to the GPUs a pod was
-# given; "all" in the image would hand every GPU to pods that asked for none.
-ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# CUDA_COMPAT=skip (the cpu variant, and where NVIDIA's image cannot be pulled: BuildKit then never
+# pulls it) gives an empty directory instead; such a GPU image needs a driver >= 580 on the node.
+FROM ${CUDA_IMAGE} AS compat-image
+FROM ${PYTHON_IMAGE} AS compat-skip
+RUN mkdir -p /usr/local/cuda-13.0/compat
+FROM compat-${CUDA_COMPAT} AS compat
 
-# --- the server -------------------------------------------------------------------------------------
-FROM runtime-${VARIANT} AS serve
+# --- what every target runs on: Java, the user, the code ---------------------------------------------
+# The large layers come first and are the same for every variant and target, so they are stored once.
+FROM ${PYTHON_IMAGE} AS runtime
 COPY docker/install.sh /opt/mnist-serve/docker/install.sh
 RUN /opt/mnist-serve/docker/install.sh system
-COPY --from=builder /opt/venv /opt/venv
 # Only what runs: the handler and server settings, the registry client, the entrypoint.
 COPY handler/ /opt/mnist-serve/handler/
 COPY training/ /opt/mnist-serve/training/
@@ -68,21 +72,33 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMPDIR=/tmp \
     MODEL_SOURCE=registry \
     MODEL_VERSION=production \
-    TORCHSERVE_CONFIG=/opt/mnist-serve/handler/config.properties
+    TORCHSERVE_CONFIG=/opt/mnist-serve/handler/config.properties \
+    # Which driver parts the NVIDIA container toolkit mounts on a GPU node: CUDA, and nvidia-smi
+    # (TorchServe counts GPUs with it); ignored elsewhere. No NVIDIA_VISIBLE_DEVICES: the device plugin
+    # sets it to the GPUs a pod was given; "all" here would hand every GPU to pods that asked for none.
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # The uid, not the name, so Kubernetes' runAsNonRoot can check it.
 USER 1000:1000
 WORKDIR /home/model-server
+
+FROM runtime AS runtime-venv
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=compat /usr/local/cuda-13.0/compat/ /usr/local/cuda/compat/
+
+# --- the server -------------------------------------------------------------------------------------
+FROM runtime-venv AS serve
 # Inference (predictions, /ping) and Prometheus metrics. Management (8081) listens on loopback only.
 EXPOSE 8080 8082
 ENTRYPOINT ["/opt/venv/bin/python", "/opt/mnist-serve/docker/entrypoint.py"]
 
 # --- the training job: `python -m training ...` (k8s/train-job.yaml runs train, archive, publish) ------
-FROM serve AS train
-COPY --from=builder-train /opt/venv /opt/venv
+FROM runtime-venv AS train
+COPY --from=builder-train /opt/training /opt/training
 # The commit the code came from, for metrics.json: the image has no .git (docker/build.sh passes it).
 ARG GIT_COMMIT=unknown
 # matplotlib's cache, under the writable /tmp like the rest.
-ENV MPLCONFIGDIR=/tmp/matplotlib \
+ENV PYTHONPATH=/opt/mnist-serve:/opt/training \
+    MPLCONFIGDIR=/tmp/matplotlib \
     MNIST_SERVE_GIT_COMMIT=${GIT_COMMIT}
 ENTRYPOINT ["/opt/venv/bin/python", "-m", "training"]
 CMD ["--help"]

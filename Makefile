@@ -91,17 +91,21 @@ publish: $(MAR) cassandra-up ## archive and record it in the model registry (mni
 .PHONY: archive serve predict bench-serve soak publish
 
 # --- image and chart ---------------------------------------------------------------------------
-image: ## build the CPU serving image where Docker runs (docker/build.sh cpu; TORCH_INDEX_URL for a CPU-only torch)
+image: ## build the CPU serving image (docker/build.sh cpu; starts a Docker engine where none runs; TORCH_INDEX_URL for a CPU-only torch)
 	docker/build.sh cpu
 
-image-gpu: ## build the GPU serving image (CUDA torch) where Docker runs
+image-gpu: ## build the GPU serving image (CUDA torch; without NVIDIA's base image the build says what the node then needs)
 	docker/build.sh gpu
 
 image-with-model: $(MAR) ## the CPU image with artifacts/model-store/mnist.mar inside (MODEL_SOURCE=image, for kind)
-	docker/build.sh cpu --with-model
+	MODEL_ARCHIVE=$(MAR) docker/build.sh cpu --with-model
 
 image-train: ## build the GPU training image that k8s/train-job.yaml runs
 	docker/build.sh gpu --train
+
+bench-image: image-with-model ## image sizes, seconds to probe-ready and first answer, SIGTERM to exit, beside the targets
+	scripts/install-k8s-tools.sh helm >/dev/null
+	$(PY) scripts/container.py
 
 chart-lint: venv ## helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
 	scripts/chart-lint.sh
@@ -118,7 +122,7 @@ cluster-status: ## is it up?
 kind-smoke: venv $(MAR) ## kind cluster: build, load, helm install, post a digit, helm test, delete (needs Docker and kind)
 	k8s/kind-smoke.sh
 
-.PHONY: image image-gpu image-with-model image-train chart-lint cluster-up cluster-down cluster-status kind-smoke
+.PHONY: image image-gpu image-with-model image-train bench-image chart-lint cluster-up cluster-down cluster-status kind-smoke
 
 # --- checks -------------------------------------------------------------------------------------
 test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)

@@ -4,7 +4,7 @@
 It runs as PID 1. It takes the archive from the model registry (MODEL_SOURCE=registry: the version or
 alias MODEL_VERSION, checksum-verified by the registry code) or from the image (MODEL_SOURCE=image),
 checks it, starts TorchServe's Java frontend as its own child, waits until a prediction is answered,
-and then until TorchServe exits. SIGTERM and SIGINT are forwarded, so TorchServe stops its workers and
+writes READY_FILE (the chart's startup probe checks it), and then waits until TorchServe exits. SIGTERM and SIGINT are forwarded, so TorchServe stops its workers and
 exits; its exit code becomes the container's. A failure exits non-zero with one message on stderr and
 in the termination log (/dev/termination-log), which Kubernetes shows in the pod's status.
 
@@ -18,6 +18,7 @@ Settings, from the environment (the image sets the paths; the chart sets the res
   TORCHSERVE_CONFIG  config.properties to start from (default handler/config.properties beside this file)
   NUMBER_OF_GPU      GPUs TorchServe may give its workers (TorchServe's number_of_gpu; default 0: CPU)
   READY_TIMEOUT      seconds for the model to answer its first prediction (default 300)
+  READY_FILE         written once a prediction was answered, removed at start and stop (default TMPDIR/mnist-serve-ready)
   STOP_TIMEOUT       seconds TorchServe gets to stop after SIGTERM before it is killed (default 25)
   TERMINATION_LOG    where the failure message goes (default /dev/termination-log)
   CASSANDRA_*, ASTRA_DB_*   the registry's connection, read by training/config.py
@@ -77,6 +78,7 @@ class Settings:
     config: Path
     gpus: int
     ready_timeout: float
+    ready_file: Path
     stop_timeout: float
     termination_log: Path
 
@@ -105,16 +107,18 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
     version = text("MODEL_VERSION", "production")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", version):  # the registry's rule for versions and aliases
         raise StartupError(f"MODEL_VERSION={version!r} is not a version or alias name (letters, digits, '.', '_', '-'; 64 at most)")
+    tmp_dir = Path(text("TMPDIR", tempfile.gettempdir()))
     return Settings(
         source=source,
         version=version,
         archive=Path(text("MODEL_ARCHIVE", "/opt/mnist-serve/model/mnist.mar")),
         model_store=Path(text("MODEL_STORE", "/home/model-server/model-store")),
         log_dir=Path(text("LOG_DIR", "/home/model-server/logs")),
-        tmp_dir=Path(text("TMPDIR", tempfile.gettempdir())),
+        tmp_dir=tmp_dir,
         config=Path(text("TORCHSERVE_CONFIG", str(APP / "handler" / "config.properties"))),
         gpus=number("NUMBER_OF_GPU", 0, int, least=0),
         ready_timeout=number("READY_TIMEOUT", 300.0),
+        ready_file=Path(text("READY_FILE", str(tmp_dir / "mnist-serve-ready"))),
         stop_timeout=number("STOP_TIMEOUT", 25.0),
         termination_log=Path(text("TERMINATION_LOG", "/dev/termination-log")),
     )
@@ -266,6 +270,7 @@ class Supervisor:
             raise Stopped(signum)
         if self.code is None:
             print(f"entrypoint: {signal.Signals(signum).name}: stopping TorchServe", file=sys.stderr, flush=True)
+            self.settings.ready_file.unlink(missing_ok=True)
             os.kill(self.process.pid, signum)
             if not self.stop_requested:
                 self.stop_requested = True
@@ -344,6 +349,30 @@ def wait_until_ready(supervisor: Supervisor, port: int) -> bool:
     return False
 
 
+def writable(directory: Path) -> None:
+    """The directory exists and this user can write to it, or one StartupError that says how to fix it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        owner = f"owned by uid {directory.stat().st_uid}, " if directory.exists() else ""
+        raise StartupError(
+            f"{directory} is not writable for uid {os.getuid()} ({owner}{error.strerror}); mount it writable for this user, "
+            f"e.g. docker run --tmpfs {directory}:uid={os.getuid()},gid={os.getgid()} (the chart mounts an emptyDir with fsGroup)"
+        ) from None
+
+
+def devices(log_dir: Path) -> str:
+    """Where the workers loaded the model, from the handler's "loaded ... on DEVICE" lines in TorchServe's model log."""
+    try:
+        text = (log_dir / "model_log.log").read_text(errors="replace")
+    except OSError:
+        text = ""
+    found = sorted(set(re.findall(r"MODEL_LOG - loaded \S+ on (\S+?),", text)))
+    return ", ".join(found) or "a device its log does not name"
+
+
 def report(message: str, termination_log: Path) -> None:
     """The failure, once: on stderr and where Kubernetes reads the pod's termination message."""
     print(f"entrypoint: error: {message}", file=sys.stderr, flush=True)
@@ -374,7 +403,9 @@ def main() -> int:
         settings = settings_from(os.environ)
         termination_log = settings.termination_log
         for directory in (settings.model_store, settings.log_dir, settings.tmp_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            writable(directory)
+        # A restarted container keeps its emptyDirs: an old marker would pass the startup probe at once.
+        settings.ready_file.unlink(missing_ok=True)
         wanted = f"{settings.version} from the registry" if settings.source == "registry" else f"from {settings.archive}"
         print(f"entrypoint: getting model {wanted}", file=sys.stderr, flush=True)
         archive, origin = (fetch_from_registry if settings.source == "registry" else fetch_from_image)(settings)
@@ -388,7 +419,9 @@ def main() -> int:
         print(f"entrypoint: TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
               f"number_of_gpu={settings.gpus}", file=sys.stderr, flush=True)
         if wait_until_ready(supervisor, port):
-            print(f"entrypoint: ready: POST http://<pod>:{port}/predictions/{MODEL_NAME}", file=sys.stderr, flush=True)
+            settings.ready_file.write_text(f"{MODEL_NAME} {model_version} answered\n")
+            print(f"entrypoint: ready: POST http://<pod>:{port}/predictions/{MODEL_NAME} (model on {devices(settings.log_dir)})",
+                  file=sys.stderr, flush=True)
         code = supervisor.wait()
         if code != 0 and not (supervisor.stop_requested and signal_stopped(code)):
             report(f"TorchServe exited with code {code}{log_tail(settings.log_dir)}", termination_log)

@@ -7,11 +7,15 @@
 #       set holds anything unpinned; then checked: pip check, and the imports TorchServe's workers and
 #       the entrypoint make.
 #       --dry-run resolves the pins against the package index without installing them.
-#       --with-training adds docker/requirements-train.txt (the training image).
+#       --with-training adds docker/requirements-train.txt (resolved together: the dry run's check).
 #       --without-pip removes pip from the venv at the end (the image has no installer).
 #       cpu: torch's CPU-only build from the wheel index named by TORCH_INDEX_URL (PyTorch's CPU
 #       wheel index, its whl/cpu path); without it, torch's default build from the default index,
 #       which runs on a CPU but carries ~4 GB of CUDA libraries (a warning says so).
+#   docker/install.sh training VENV DIR
+#       The training image's additions (docker/requirements-train.txt: plots, the archiver) into DIR, apart
+#       from the serving venv VENV, so the training image shares the serving image's venv layer; checked
+#       by importing them with VENV's Python and DIR on its path.
 #   docker/install.sh system [--dry-run]
 #       As root in the final stage: the Java 17 runtime TorchServe's frontend runs on, the
 #       model-server user (uid 1000) and its directories, and no pip in the system Python.
@@ -57,6 +61,9 @@ python_env() {
     requirements+=("--requirement=$ROOT/docker/requirements-cuda.txt")
   fi
 
+  # Behind a TLS-intercepting proxy pip needs its CA: the Dockerfile mounts it as the secret "ca".
+  if [[ -s /run/secrets/ca ]]; then export PIP_CERT=/run/secrets/ca; fi
+
   "${PYTHON:-python3}" -m venv --clear "$prefix"
   local py="$prefix/bin/python"
   # Wheels only: nothing is compiled, so the builder needs no compiler either.
@@ -101,6 +108,21 @@ print(f"install.sh: torch {torch.__version__} (CUDA build: {cuda}), TorchServe {
   fi
 }
 
+training_packages() {
+  local venv=${1:-} dir=${2:-}
+  [[ -n "$venv" && -n "$dir" && $# == 2 ]] || usage
+  if [[ -s /run/secrets/ca ]]; then export PIP_CERT=/run/secrets/ca; fi
+  # The base image's pip, for the same Python 3.11 as the venv's; every dependency is pinned in the file.
+  "${PYTHON:-python3}" -m pip install --no-input --disable-pip-version-check --only-binary=:all: --no-deps \
+    --target "$dir" --requirement "$ROOT/docker/requirements-train.txt"
+  "$venv/bin/python" -I -c '
+import sys
+sys.path.insert(0, sys.argv[1])
+import matplotlib, matplotlib.pyplot, model_archiver.model_packaging
+print(f"install.sh: training additions: matplotlib {matplotlib.__version__}, torch-model-archiver in {sys.argv[1]}")
+' "$dir"
+}
+
 system_packages() {
   local dry_run=false
   case "${1:-}" in
@@ -132,6 +154,7 @@ system_packages() {
 
 case "${1:-}" in
   python) shift; python_env "$@" ;;
+  training) shift; training_packages "$@" ;;
   system) shift; system_packages "$@" ;;
   *) usage ;;
 esac

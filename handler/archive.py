@@ -45,10 +45,12 @@ def build_archive(model: Path, out_dir: Path, version: str) -> Path:
     if not zipfile.is_zipfile(model):  # TorchScript files are zip archives; pickled state dicts are not
         raise ArchiveError(f"{model}: not a TorchScript model; export one with torch.jit.script(model).save(path)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    # The archiver's module rather than its script: in the training image it lies on PYTHONPATH,
+    # apart from the venv whose bin/ holds the scripts.
+    archiver = [sys.executable, "-m", "model_archiver.model_packaging"]
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".archive-") as staging:
         command = [
-            str(archiver), "--model-name", MODEL_NAME, "--version", version,
+            *archiver, "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", str(model), "--handler", str(HANDLER),
             "--extra-files", ",".join(str(path) for path in EXTRA_FILES),
             "--config-file", str(MODEL_CONFIG), "--export-path", staging,

@@ -248,10 +248,14 @@ def test_service_links_are_off(case):
 
 # --- probes and timings ----------------------------------------------------------------------------
 
-def test_probes_ask_torchserve_ping(case):
+def test_startup_waits_for_an_answered_prediction_then_the_probes_ask_ping(case):
+    """The entrypoint writes READY_FILE once the model answered; tests/test_container.py runs this probe."""
     _, objects = case
     container = server_container(objects)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    ready_file = env_of(container)["READY_FILE"]
+    assert container["startupProbe"]["exec"] == {"command": ["test", "-e", ready_file]}
+    assert ready_file.startswith("/tmp/") and any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+    for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/ping", "port": "http"}, probe
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
 

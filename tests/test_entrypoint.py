@@ -155,6 +155,7 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
     running = Running(python, pod, MODEL_SOURCE="registry", MODEL_VERSION=alias, CASSANDRA_KEYSPACE=cassandra_settings.keyspace)
     try:
         running.wait_for("entrypoint: ready", READY_S)
+        assert (pod.path("tmp") / "mnist-serve-ready").exists()  # the chart's startup probe checks it
         assert f"registry version {version} ({alias})" in running.output
         assert sha256(pod.path("store") / "mnist.mar") == sha256(archive)  # the published bytes, checksum-verified
         answer = post_digit(pod.ports.inference)
@@ -176,6 +177,7 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
     gone, alive = psutil.wait_procs(everything, timeout=10)
     assert not alive, f"left running: {alive}"
     assert pod.termination_message == ""  # a requested stop is no failure
+    assert not (pod.path("tmp") / "mnist-serve-ready").exists()
     # Writes go only to the emptyDir paths: the working directory and HOME stay empty.
     assert not list(pod.path("cwd").iterdir()) and not list(pod.path("home").iterdir())
     assert (pod.path("logs") / "ts_log.log").exists() and (pod.path("tmp") / "config.properties").exists()

@@ -85,3 +85,11 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The marker docker/entrypoint.py writes once the model answered a prediction (on the /tmp emptyDir);
+the READY_FILE variable and the startup probe both name it.
+*/}}
+{{- define "mnist-serve.readyFile" -}}
+/tmp/mnist-serve-ready
+{{- end }}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Makes sure a Docker engine answers. Where one runs (a user's Docker, a CI service) it is used and
+# nothing is changed. Where none does and this is Debian with root, Debian's docker.io is installed
+# and dockerd started in the background, left running, its log in the cache.
+#
+#   scripts/docker-engine.sh        (make image and the image tests call it)
+#
+# Prints one line naming the engine that answers, or one error line and exits 1.
+set -o errexit -o nounset -o pipefail
+
+CACHE="${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}"
+# Debian 12's engine (20.10: BuildKit built into its client, which the Dockerfile's cache mounts need).
+PACKAGE="docker.io=20.10.24+dfsg1-*"
+LOG="$CACHE/dockerd.log"
+
+say() { echo "docker-engine: $*" >&2; }
+fail() { echo "error: $*" >&2; exit 1; }
+answers() { docker info --format '{{.ServerVersion}}' 2>/dev/null; }
+
+if version="$(answers)"; then
+  say "Docker engine $version answers${DOCKER_HOST:+ at $DOCKER_HOST}"
+  exit 0
+fi
+# Someone pointed the client at an engine on purpose: starting another one would not be what they asked.
+[[ -z "${DOCKER_HOST:-}" ]] || fail "no Docker engine answers at DOCKER_HOST=$DOCKER_HOST ('docker info' fails)"
+if [[ $(id -u) != 0 ]] || ! grep -q '^ID=debian' /etc/os-release 2>/dev/null; then
+  fail "no Docker engine answers ('docker info' fails); start one (this script installs one itself only on Debian as root)"
+fi
+
+if ! command -v dockerd >/dev/null; then
+  say "installing $PACKAGE (apt-get install)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install --yes --no-install-recommends "$PACKAGE" >/dev/null 2>&1 \
+    || { apt-get update >/dev/null && apt-get install --yes --no-install-recommends "$PACKAGE" >/dev/null; } \
+    || fail "apt-get install $PACKAGE failed"
+fi
+mkdir -p "$CACHE"
+say "starting dockerd (log: $LOG)"
+# Its own session, so it outlives this script and the make or pytest run that called it.
+setsid dockerd >>"$LOG" 2>&1 </dev/null &
+for _ in $(seq 60); do
+  if version="$(answers)"; then
+    say "Docker engine $version answers (started here, left running)"
+    exit 0
+  fi
+  sleep 1
+done
+tail -n 20 "$LOG" >&2
+fail "dockerd started but did not answer within 60 s (log: $LOG)"

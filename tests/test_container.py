@@ -1,0 +1,298 @@
+"""The serving image, built and run for real: a Docker engine (scripts/docker-engine.sh installs and starts
+one where none runs), the image built offline (docker/build.sh), and containers started as the chart runs
+its pods (scripts/container.py: read-only root, uid 1000, no capabilities, tmpfs only on the emptyDirs).
+Checked: readiness is an answered prediction, real digits in every input form, metrics, no management
+API outside, SIGTERM, and each refusal as one line."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from handler.archive import build_archive, version_from_metrics
+from handler.client import encoded, post
+from handler.server import Ports
+from reference_model import reference_model_dir
+from test_chart import helm  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from container import LABEL, ChartPod, Container, docker, predict, watch_start_up  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+START_S = 300.0  # JVM, two workers importing torch, warm-up: seconds on an idle machine, minutes on a busy one
+FAIL_S = 120.0  # a refusal starts no TorchServe
+
+
+def build(*args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """docker/build.sh ARGS: (the tag it built, what it said on stderr)."""
+    done = subprocess.run([str(ROOT / "docker" / "build.sh"), *args], capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1], done.stderr
+
+
+@pytest.fixture(scope="session")
+def engine() -> None:
+    done = subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    leftovers = docker("ps", "--all", "--quiet", "--filter", f"label={LABEL}").stdout.split()
+    if leftovers:  # from an interrupted run
+        docker("rm", "--force", *leftovers, check=False)
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory) -> Path:
+    model = reference_model_dir()
+    return build_archive(model / "model.pt", tmp_path_factory.mktemp("built"), version_from_metrics(model / "metrics.json"))
+
+
+@pytest.fixture(scope="session")
+def image(engine) -> str:
+    tag, _ = build("cpu")
+    return tag
+
+
+@pytest.fixture(scope="session")
+def image_with_model(image, archive) -> str:
+    tag, _ = build("cpu", "--with-model", env={"MODEL_ARCHIVE": str(archive), "IMAGE": "mnist-serve-test"})
+    return tag
+
+
+@pytest.fixture(scope="session")
+def chart(helm) -> ChartPod:
+    return ChartPod.render(helm, "--set", "model.source=image")
+
+
+@pytest.fixture
+def started():
+    """Containers a test starts, removed afterwards whatever happened."""
+    containers: list[Container] = []
+    yield containers
+    for container in containers:
+        container.remove()
+
+
+def start(started: list, image: str, chart: ChartPod, *extra: str, host_network: bool = False,
+          tmpfs_options: dict[str, str] | None = None, **env: str) -> Container:
+    container = Container.start(image, chart, *extra, env=env, host_network=Ports.free() if host_network else None,
+                                tmpfs_options=tmpfs_options)
+    started.append(container)
+    return container
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from training.data import load_mnist
+
+    mnist = load_mnist()
+    chosen = np.random.default_rng(1).choice(len(mnist.test_images), 200, replace=False)
+    return mnist.test_images[chosen], mnist.test_labels[chosen]
+
+
+# --- the image -------------------------------------------------------------------------------------
+
+def test_the_image_runs_as_uid_1000_exposes_no_management_port_and_holds_no_build_ca(image):
+    config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", image).stdout)
+    assert config["User"] == "1000:1000" and sorted(config["ExposedPorts"]) == ["8080/tcp", "8082/tcp"]
+    assert not any(e.startswith(("PIP_CERT=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
+    # The host's bundle was a build secret: the image's own bundle is Debian's, without the host's additions.
+    inside = docker("run", "--rm", "--entrypoint", "cat", image, "/etc/ssl/certs/ca-certificates.crt").stdout
+    host = Path("/etc/ssl/certs/ca-certificates.crt").read_text() if Path("/etc/ssl/certs/ca-certificates.crt").exists() else ""
+    blocks = lambda text: {b.strip() for b in text.split("-----END CERTIFICATE-----") if "BEGIN" in b}  # noqa: E731
+    assert not (blocks(host) - blocks(inside)) & blocks(inside)
+    assert docker("run", "--rm", "--entrypoint", "ls", image, "/run/secrets", check=False).returncode != 0
+
+
+# --- serving, locked down ------------------------------------------------------------------------------
+
+def test_ready_means_a_prediction_is_answered_within_a_second(image_with_model, chart, started):
+    """The chart's startup probe, polled from `docker run` as the kubelet would: the first moment it passes,
+    a prediction is answered within 1 s. /ping alone would say Healthy earlier (printed, not asserted)."""
+    container = start(started, image_with_model, chart)
+    start_up = watch_start_up(container, chart, START_S)
+    print(f"\n/ping Healthy {start_up.ping_healthy} s, probe passed {start_up.probe_passed:.1f} s, "
+          f"answer after it {start_up.answer_after_probe} s")
+    assert start_up.answer_after_probe is not None and start_up.answer_after_probe <= 1.0
+    assert start_up.answer["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+
+
+def test_serves_real_digits_locked_down_and_stops_on_sigterm(image_with_model, chart, started, digits):
+    container = start(started, image_with_model, chart)
+    watch_start_up(container, chart, START_S)
+    images, labels = digits
+    url = container.url()
+    forms = {
+        "PNG": lambda d: (encoded(d), "image/png"),
+        "JPEG": lambda d: (encoded(d, "JPEG"), "image/jpeg"),
+        "base64 JSON": lambda d: (json.dumps({"data": base64.b64encode(encoded(d)).decode()}).encode(), "application/json"),
+        "28x28 array": lambda d: (json.dumps(d.tolist()).encode(), "application/json"),
+        "784 array": lambda d: (json.dumps(d.ravel().tolist()).encode(), "application/json"),
+    }
+    for name, form in forms.items():
+        replies = [post(url, *form(d)) for d in images[:60]]
+        assert {r.status for r in replies} == {200}, name
+        assert np.mean([r.answer["digit"] for r in replies] == labels[:60]) >= 0.95, name
+    batch = post(url, json.dumps({"instances": [d.tolist() for d in images[:8]]}).encode(), "application/json")
+    assert batch.status == 200 and len(batch.answer["predictions"]) == 8
+    assert np.mean([p["digit"] for p in batch.answer["predictions"]] == labels[:8]) >= 0.75
+
+    with urllib.request.urlopen(container.url("/metrics", 8082), timeout=10) as answer:
+        assert b"ts_inference_requests_total" in answer.read()
+
+    # The management API listens on the container's loopback only: not at its address, where 8080 answers.
+    address = container.ip()
+    assert reachable(address, 8080) and not reachable(address, 8081)
+    assert container.exec("id", "-u").stdout.strip() == "1000"
+    write = container.exec("touch", "/written")
+    assert write.returncode != 0 and "Read-only file system" in write.stderr
+
+    code, seconds = container.stop(timeout=chart.grace_seconds() + 10)
+    assert code == 143, container.logs()[-2000:]
+    assert seconds < chart.grace_seconds()
+    assert "SIGTERM: stopping TorchServe" in container.logs()
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+# --- the model from the registry ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def published(cassandra, archive, metrics_file) -> str:
+    """The reference archive published in the test keyspace under an alias of its own."""
+    import secrets
+
+    from training.registry import Registry, read_metrics
+
+    registry = Registry(cassandra)
+    version, alias = f"img-{secrets.token_hex(3)}", f"container{secrets.token_hex(3)}"
+    registry.publish(archive, read_metrics(metrics_file), version)
+    registry.promote(version, alias)
+    return alias
+
+
+def registry_env(cassandra_settings, **more: str) -> dict[str, str]:
+    """The local node, reached from the container through the host's network (it listens on loopback)."""
+    return {"MODEL_SOURCE": "registry", "CASSANDRA_HOSTS": "127.0.0.1", "CASSANDRA_PORT": str(cassandra_settings.port),
+            "CASSANDRA_KEYSPACE": cassandra_settings.keyspace, **more}
+
+
+@pytest.mark.cassandra
+def test_serves_a_registry_alias_from_the_local_node(image, chart, started, published, cassandra_settings):
+    container = start(started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION=published))
+    start_up = watch_start_up(container, chart, START_S)
+    assert start_up.answer_after_probe is not None
+    assert f"({published}), sha256" in container.logs() and "checked" in container.logs()
+    code, _ = container.stop(timeout=chart.grace_seconds() + 10)
+    assert code == 143
+
+
+# --- refusals: one line, exit 1 ------------------------------------------------------------------------
+
+def damaged_copy(archive: Path, directory: Path) -> Path:
+    damaged = directory / "mnist.mar"
+    damaged.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    damaged.chmod(0o644)
+    return damaged
+
+
+REFUSALS = {
+    "unknown version": "cannot get model 'no-such-version' from the registry",
+    "registry down": "cannot reach the model registry",
+    "damaged archive": "is damaged, not a readable zip",
+    "unwritable model store": "/home/model-server/model-store is not writable for uid 1000",
+}
+
+
+@pytest.mark.cassandra
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_each_refusal_is_one_line_and_exit_1(refusal, image, chart, started, archive, cassandra_settings, tmp_path):
+    if refusal == "unknown version":
+        container = start(started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION="no-such-version"))
+    elif refusal == "registry down":
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        container = start(started, image, chart, host_network=True,
+                          **{**registry_env(cassandra_settings), "CASSANDRA_PORT": str(port), "CASSANDRA_CONNECT_TIMEOUT": "2"})
+    elif refusal == "damaged archive":
+        container = start(started, image, chart, "-v", f"{damaged_copy(archive, tmp_path)}:/opt/mnist-serve/model/mnist.mar:ro",
+                          MODEL_SOURCE="image")
+    else:  # a plain `docker run --tmpfs PATH`: root's, 0755
+        container = start(started, image, chart, "-v", f"{archive}:/opt/mnist-serve/model/mnist.mar:ro", MODEL_SOURCE="image",
+                          tmpfs_options={"/home/model-server/model-store": "mode=755"})
+    assert container.wait(FAIL_S) == 1
+    output = container.logs()
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("entrypoint: error: ") and REFUSALS[refusal] in errors[0], output
+    assert "Traceback" not in output and "TorchServe started" not in output
+
+
+# --- the other targets -----------------------------------------------------------------------------------
+
+def test_the_gpu_image_builds_here_and_serves_on_a_cpu(engine, image, archive, helm, started):
+    """nvidia/cuda cannot be pulled here: the build says it skipped the forward-compatibility libraries.
+    On a node without a GPU, with the GPU values' NUMBER_OF_GPU=1, it serves and says it runs on the CPU."""
+    tag, said = build("gpu")
+    assert "skipped the CUDA driver forward-compatibility libraries" in said and "driver >= 580" in said
+    gpu_chart = ChartPod.render(helm, "-f", str(ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml"), "--set", "model.source=image")
+    assert gpu_chart.env()["NUMBER_OF_GPU"] == "1"
+    container = start(started, tag, gpu_chart, "-v", f"{archive}:/opt/mnist-serve/model/mnist.mar:ro", MODEL_SOURCE="image")
+    start_up = watch_start_up(container, gpu_chart, START_S)
+    assert start_up.answer_after_probe is not None
+    assert "entrypoint: ready: POST http://<pod>:8080/predictions/mnist (model on cpu)" in container.logs()
+
+
+def test_the_training_image_builds_and_runs_its_cli_locked_down(engine, image, chart):
+    tag, _ = build("gpu", "--train")
+    done = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--cap-drop=ALL", "--tmpfs", "/tmp", tag, "--help", check=False)
+    assert done.returncode == 0 and "train" in done.stdout, done.stdout + done.stderr
+    assert docker("image", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip() == "1000:1000"
+
+
+def test_readmes_docker_run_line_works_as_written(image_with_model, archive):
+    """Only the image (the test's own build of it) and the host port (a free one, on loopback) are replaced."""
+    block = re.search(r"```bash\n(docker run --rm --read-only.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    command = " ".join(block.group(1).replace("\\\n", " ").split())
+    assert " mnist-serve:0.1.0-cpu-model" in command and " -p 8080:8080 " in command
+    port = Ports.free().inference
+    command = command.replace(" mnist-serve:0.1.0-cpu-model", f" {image_with_model}").replace(" -p 8080:8080 ", f" -p 127.0.0.1:{port}:8080 ")
+    process = subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + START_S
+        while (reply := answered(f"http://127.0.0.1:{port}/predictions/mnist")) is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.5)
+        assert reply is not None and reply["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+        process.send_signal(signal.SIGTERM)  # the docker client passes it on to the container
+        assert process.wait(60) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+        leftovers = docker("ps", "--quiet", "--filter", f"ancestor={image_with_model}").stdout.split()
+        if leftovers:
+            docker("rm", "--force", *leftovers, check=False)
+
+
+def answered(url: str) -> dict | None:
+    status, answer = predict(url, timeout=5)
+    return answer if status == 200 else None
