@@ -4,9 +4,10 @@
 It runs as PID 1. It takes the archive from the model registry (MODEL_SOURCE=registry: the version or
 alias MODEL_VERSION, checksum-verified by the registry code) or from the image (MODEL_SOURCE=image),
 checks it, starts TorchServe's Java frontend as its own child, waits until a prediction is answered,
-writes READY_FILE (the chart's startup probe checks it), and then waits until TorchServe exits. SIGTERM and SIGINT are forwarded, so TorchServe stops its workers and
-exits; its exit code becomes the container's. A failure exits non-zero with one message on stderr and
-in the termination log (/dev/termination-log), which Kubernetes shows in the pod's status.
+writes READY_FILE (the chart's startup probe checks it), and then waits until TorchServe exits. SIGTERM
+and SIGINT are forwarded, so TorchServe stops its workers and exits; its exit code becomes the
+container's. A failure exits non-zero with one message on stderr and in the termination log
+(/dev/termination-log), which Kubernetes shows in the pod's status.
 
 Settings, from the environment (the image sets the paths; the chart sets the rest):
   MODEL_SOURCE       registry | image (default registry)
@@ -370,7 +371,7 @@ def devices(log_dir: Path) -> str:
     except OSError:
         text = ""
     found = sorted(set(re.findall(r"MODEL_LOG - loaded \S+ on (\S+?),", text)))
-    return ", ".join(found) or "a device its log does not name"
+    return ", ".join(found) or "a device not named in its log"
 
 
 def report(message: str, termination_log: Path) -> None:
