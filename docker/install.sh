@@ -149,7 +149,13 @@ system_packages() {
   # Owned by the user for `docker run`; in Kubernetes the chart mounts emptyDirs over them.
   install -d -o "$SERVE_UID" -g "$SERVE_UID" "$SERVE_HOME/model-store" "$SERVE_HOME/logs"
   # The image installs nothing at run time: no pip in the base image's Python (the venv has none either).
-  python3 -m pip uninstall --yes --quiet pip setuptools wheel
+  # The python image's pip is pip's own; the Debian-built base's is Debian's package, which pip leaves.
+  if dpkg-query --show --showformat='${Status}' python3-pip 2>/dev/null | grep -q installed; then
+    apt-get purge --yes --quiet python3-pip python3-setuptools python3-wheel >/dev/null
+  else
+    python3 -m pip uninstall --yes --quiet pip setuptools wheel
+  fi
+  if python3 -m pip --version >/dev/null 2>&1; then say "pip is still in the system Python"; exit 1; fi
 }
 
 case "${1:-}" in

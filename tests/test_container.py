@@ -108,6 +108,11 @@ def test_the_image_runs_as_uid_1000_exposes_no_management_port_and_holds_no_buil
     config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", image).stdout)
     assert config["User"] == "1000:1000" and sorted(config["ExposedPorts"]) == ["8080/tcp", "8082/tcp"]
     assert not any(e.startswith(("PIP_CERT=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
+    # No installer: neither in the venv nor in the base image's Python (Debian's or the python image's).
+    pips = docker("run", "--rm", "--entrypoint", "sh", image, "-c",
+                  "for p in /opt/venv/bin/python /usr/bin/python3 /usr/local/bin/python3; do "
+                  "[ -x $p ] && $p -m pip --version && echo \"$p has pip\"; done; true")
+    assert "has pip" not in pips.stdout, pips.stdout
     # The host's CA bundle was a build secret. The certificates it has beyond the image's own (Debian's)
     # bundle, such as a TLS-intercepting proxy's, must be in no file of the image.
     bundle = Path("/etc/ssl/certs/ca-certificates.crt")
