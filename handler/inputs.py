@@ -50,6 +50,12 @@ _LOOKS_LIKE_JSON = re.compile(rb'\s*[\[{"]')
 FORM_URLENCODED = "application/x-www-form-urlencoded"
 
 
+# Pillow warns above its own 89 Mpx bomb limit; ours is lower and checked after the header is read.
+# Set once here: a catch_warnings() block per image reset the warning registry on every request,
+# so any other once-only warning in the process was printed again for each request.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 class BadInput(ValueError):
     """The request cannot be answered as sent; the message says what was wrong and what to send."""
 
@@ -236,10 +242,7 @@ def image_to_mnist(data: bytes, limits: Limits = Limits()) -> np.ndarray:
 def read_grayscale(data: bytes, limits: Limits) -> np.ndarray:
     """The image as H x W uint8 (255 = white), transparency composited on white."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its own 89 Mpx bomb limit; ours is lower and checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
         image_format = accepted_format(data)
         if image_format:
