@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 CLASS_COUNT = 10
 DIGITS = tuple(str(digit) for digit in range(CLASS_COUNT))
 JSON = "application/json"
+# Set to 1 in the server's environment to keep TorchServe's per-batch log lines (see quiet_batch_logs).
+BATCH_LOG_ENV = "MNIST_SERVE_BATCH_LOG"
 
 
 class MnistHandler(BaseHandler):
@@ -55,6 +57,8 @@ class MnistHandler(BaseHandler):
             self.warm_up(int(properties.get("batch_size") or 1))
         self.initialized = True
         logger.info("loaded %s on %s, limits %s", self.model_pt_path, self.device, self.limits)
+        if os.environ.get(BATCH_LOG_ENV) != "1":
+            quiet_batch_logs()
 
     def warm_up(self, batch_size: int) -> None:
         """Check the model keeps the contract (N x 10 logits) and let TorchScript optimise
@@ -106,6 +110,22 @@ class MnistHandler(BaseHandler):
                 self.context.set_response_status(status, reason, idx=index)
             answers.append(json.dumps(body))
         return answers
+
+
+def quiet_batch_logs() -> None:
+    """Stop TorchServe's worker from printing three lines per batch ("Backend received inference at",
+    the HandlerTime and PredictionTime metrics), which its frontend then reads, parses and writes to
+    ts_log. At one connection that was a quarter of the server's CPU per request (2.1 -> 1.6 ms,
+    make bench-serve). Prometheus keeps the frontend's own request, latency and queue metrics."""
+    logging.getLogger("ts.metrics").setLevel(logging.WARNING)
+    # That first line is logged on the root logger itself; a filter there drops it and nothing else.
+    root = logging.getLogger()
+    if not_batch_line not in root.filters:
+        root.addFilter(not_batch_line)
+
+
+def not_batch_line(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Backend received inference")
 
 
 def select_device(properties: Mapping[str, Any], cuda_available: bool) -> torch.device:

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import psutil
 
@@ -131,11 +131,13 @@ def start_torchserve(
     config: Path = CONFIG,
     console: bool = False,
     ready_timeout: float = READY_TIMEOUT_S,
+    environment: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """TorchServe serving `archive` as model mnist, answering predictions when this yields; stopped on exit.
 
     `config` is used as it is for the default ports, else copied with the ports changed. With
     console=False the console output goes to log_dir/console.log instead of this process's stdout.
+    `environment` adds variables to the server's (and so the workers') environment.
     """
     archive, config = archive.resolve(), config.resolve()  # the launcher runs in a directory of its own
     if not archive.is_file():
@@ -152,7 +154,7 @@ def start_torchserve(
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
-                launch_command(archive, config), cwd=run_dir, env=launch_environment(log_dir, run_dir),
+                launch_command(archive, config), cwd=run_dir, env={**launch_environment(log_dir, run_dir), **(environment or {})},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,

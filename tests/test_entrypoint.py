@@ -198,6 +198,11 @@ def test_serves_the_archive_built_into_the_image_and_stops_on_sigint(python, pod
         assert helm_test.returncode == 0 and helm_test.stdout.startswith("ok: "), helm_test.stdout + helm_test.stderr
         # number_of_gpu is a cap: with no GPU here TorchServe uses the CPU.
         assert "number_of_gpu=1" in (pod.path("tmp") / "config.properties").read_text()
+        # Nothing per batch in the logs by default (mnist_handler.quiet_batch_logs), while the
+        # worker's own lines still arrive there.
+        model_log = (pod.path("logs") / "model_log.log").read_text()
+        assert "loaded " in model_log and "Backend received inference" not in model_log
+        assert "[METRICS]HandlerTime" not in (pod.path("logs") / "ts_log.log").read_text()
     finally:
         running.process.send_signal(signal.SIGINT)
         code = running.finish(60)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from handler.archive import build_archive, version_from_metrics
 from handler.client import Reply, post
+from handler.mnist_handler import BATCH_LOG_ENV
 from handler.server import Ports, Server, start_torchserve
 from reference_model import reference_model_dir
 from test_handler_inputs import png_claiming, zip_archive, zip_bomb_png  # noqa: F401 (zip_bomb_png: a fixture)
@@ -50,8 +51,9 @@ def archive(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory) -> Server:
-    """One TorchServe on free ports for the module (a config.properties copy with those ports)."""
-    with start_torchserve(archive, tmp_path_factory.mktemp("logs"), Ports.free()) as running:
+    """One TorchServe on free ports for the module (a config.properties copy with those ports), which
+    logs every batch: the batching test reads which requests shared one."""
+    with start_torchserve(archive, tmp_path_factory.mktemp("logs"), Ports.free(), environment={BATCH_LOG_ENV: "1"}) as running:
         yield running
 
 
