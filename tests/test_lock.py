@@ -32,9 +32,19 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-def test_every_line_of_the_lock_is_one_exact_pin():
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+@pytest.mark.parametrize("lock", ["requirements.lock", "scripts/kserve.lock"])
+def test_every_line_of_the_lock_is_one_exact_pin(lock):
+    for line in (ROOT / lock).read_text().splitlines():
         assert line.startswith("#") or re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!]+", line), line
+
+
+def test_the_benchmark_peer_decodes_with_our_libraries_at_the_version_it_names():
+    from handler.bench import KSERVE_VERSION
+
+    peer, ours = pins(ROOT / "scripts" / "kserve.lock"), pins(ROOT / "requirements.lock")
+    assert peer["kserve"] == KSERVE_VERSION
+    assert (peer["numpy"], peer["pillow"]) == (ours["numpy"], ours["pillow"])
+    assert "torch" not in peer  # taken from the project venv (scripts/kserve-venv.sh)
 
 
 def test_the_venv_holds_exactly_the_locked_packages():
@@ -89,3 +99,4 @@ def test_make_lock_writes_a_complete_lock_and_moves_the_image_pins(tmp_path):
     resolved = {canonical(item["metadata"]["name"]) for item in json.loads((tmp_path / "report.json").read_text())["install"]}
     assert sorted(resolved - set(written) - {PROJECT}) == []
     assert pins(requirements)["cassandra-driver"] == "3.30.1"
+    assert pins(copy / "scripts" / "kserve.lock")["kserve"] == "0.21.0"
