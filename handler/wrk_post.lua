@@ -18,7 +18,8 @@ function init(args)
     local body = file:read("*a")
     file:close()
     -- Formatted once here: building a request per call would cost wrk the time it measures.
-    requests[#requests + 1] = wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream"}, body)
+    -- image/png, not application/octet-stream: KServe's v1 endpoint (the peer) parses the latter as JSON.
+    requests[#requests + 1] = wrk.format("POST", nil, {["Content-Type"] = "image/png"}, body)
   end
   assert(#requests > 0, "name the files to send after --")
   next_index = first % #requests

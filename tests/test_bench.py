@@ -1,0 +1,66 @@
+"""make bench-serve's peer and report: KServe's model server does exactly our work, and the report
+sets both side by side beside the targets (a short run: the figures themselves are not checked)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from handler.archive import build_archive, version_from_metrics
+from handler.bench import kserve_peer
+from handler.client import encoded, post
+from handler.server import Ports, start_torchserve
+from reference_model import reference_model_dir
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    model = reference_model_dir()
+    return build_archive(model / "model.pt", tmp_path_factory.mktemp("model-store"), version_from_metrics(model / "metrics.json"))
+
+
+def peer_answer(url: str, png: bytes) -> dict:
+    request = urllib.request.Request(url, data=png, headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def test_the_peer_answers_every_digit_exactly_as_we_do(archive, mnist, tmp_path):
+    pngs = [encoded(image) for image in mnist.test_images[:40]]
+    with start_torchserve(archive, tmp_path / "logs", Ports.free()) as server:
+        ours = [post(server.url(), png, "image/png") for png in pngs]
+    assert all(reply.status == 200 for reply in ours)
+    model = tmp_path / "model.pt"
+    model.write_bytes((reference_model_dir() / "model.pt").read_bytes())
+    with kserve_peer(model, 1, tmp_path / "kserve.log") as peer:
+        theirs = [peer_answer(peer.url, png) for png in pngs]
+    # Same decoding, same model, same JSON: the same digits and probabilities to 6 decimals.
+    assert [reply.answer for reply in ours] == theirs
+    assert sum(answer["digit"] == label for answer, label in zip(theirs, mnist.test_labels[:40])) >= 39
+
+
+def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archive, tmp_path):
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "with-wrk.sh"), sys.executable, "-m", "handler.bench", "--archive", str(archive),
+         "--seconds", "1", "--connections", "1,4", "--peer-workers", "1", "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for connections in (1, 4):
+        rows = [line.split() for line in lines if line.strip().startswith(f"{connections}  ")]
+        servers = [" ".join(row[1:4]) for row in rows]
+        assert servers == ["ours (TorchServe 0.12)", "KServe 0.21.0, 1"], lines  # both, in that order
+    assert sum("ours / peer" in line for line in lines) == 2
+    assert any(line.startswith("TorchServe alone (a no-op handler") for line in lines)
+    for target in ("p50 <= 1.5 ms", ">= 600 req/s", "CPU <= 1.5 ms/request", ">= 2 x the peer's req/s", "p99 <= 50 ms"):
+        line = next(line for line in lines if target in line)
+        assert line.rstrip().endswith(("met", "MISSED")), line
