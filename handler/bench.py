@@ -8,8 +8,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from handler import inputs
 from handler.client import encoded
 from handler.mnist_handler import answer
 from handler.archive import MODEL_CONFIG, MODEL_NAME
-from handler.server import CONFIG, Ports, Server, start_torchserve
+from handler.server import CONFIG, Ports, Server, start_torchserve, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
@@ -207,11 +205,17 @@ class Contender:
         return statistics.fmean(getattr(level, figure) for level in self.levels[connections])
 
 
+def processes_of(server: Server) -> Callable[[], list[psutil.Process]]:
+    """TorchServe's processes as they are at each call: workers restart and change pid."""
+    return lambda: [server.frontend(), *server.workers()]
+
+
 @contextlib.contextmanager
 def kserve_peer(model: Path, workers: int, log: Path) -> Iterator[Contender]:
     """KServe's model server (scripts/kserve-venv.sh) serving `model` with handler/inputs.py's decoding."""
     venv = Path(subprocess.run([str(ROOT / "scripts" / "kserve-venv.sh")], check=True, capture_output=True, text=True).stdout.strip())
-    port, grpc_port = free_port(), free_port()
+    ports = Ports.free()  # distinct ports for its HTTP and gRPC listeners
+    port, grpc_port = ports.inference, ports.grpc_inference
     command = [
         str(venv / "bin" / "python"), "-m", "handler.kserve_peer", "--model", str(model),
         "--http_port", str(port), "--grpc_port", str(grpc_port), "--workers", str(workers),
@@ -228,13 +232,7 @@ def kserve_peer(model: Path, workers: int, log: Path) -> Iterator[Contender]:
         yield Contender(f"KServe {KSERVE_VERSION}, {workers} worker{'s' * (workers > 1)}", f"{base}/v1/models/{MODEL_NAME}:predict",
                         lambda: [root, *root.children(recursive=True)])
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -248,12 +246,6 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: fl
                     return
         time.sleep(0.5)
     raise RuntimeError(f"the KServe peer did not get ready in {timeout:.0f} s; see {log}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def null_archive(directory: Path) -> Path:
@@ -364,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
               f"decode PNG + model + answer JSON {path_rate:,.0f} img/s ({1e6 / path_rate:.0f} us each)")
         # TorchServe with a handler that does nothing: what the frontend and its batching cost alone.
         with start_torchserve(null_archive(Path(tmp)), args.logs / "null-handler", Ports.free()) as server:
-            floor = Contender("TorchServe, a no-op handler", server.url(), lambda: [server.frontend(), *server.workers()])
+            floor = Contender("TorchServe, a no-op handler", server.url(), processes_of(server))
             warm_up(floor.url, files, max(args.connections), args.seconds)
             lone = floor.measure(files, 1, min(args.seconds, 10))
         print(f"TorchServe alone (a no-op handler, our batch settings), 1 connection: {lone.rate:,.0f} req/s, "
@@ -372,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print("side by side, same model, same decoding, same 100 real test digits as image/png bodies:")
         with start_torchserve(args.archive, args.logs, Ports.free()) as server, \
                 kserve_peer(model, args.peer_workers, args.logs / "kserve.log") as peer:
-            ours = Contender("ours (TorchServe 0.12)", server.url(), lambda: [server.frontend(), *server.workers()])
+            ours = Contender("ours (TorchServe 0.12)", server.url(), processes_of(server))
             with MemoryPeaks(server) as memory:
                 measure_side_by_side([ours, peer], files, args.connections, args.seconds)
     print(f"after:  {load_line()}")

@@ -21,10 +21,9 @@ site.addsitedir(os.environ["PROJECT_SITE_PACKAGES"])
 import kserve  # noqa: E402 (after the path is set)
 import torch  # noqa: E402
 
+from handler.archive import MODEL_NAME  # noqa: E402
 from handler.inputs import decode_request  # noqa: E402
 from handler.mnist_handler import answer  # noqa: E402
-
-MODEL_NAME = "mnist"
 
 
 class Mnist(kserve.Model):
