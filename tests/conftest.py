@@ -1,4 +1,4 @@
-"""Fixtures for the database tests: the real local Cassandra node and a fresh keyspace per test run."""
+"""Shared fixtures: the real local Cassandra node and a fresh keyspace per test run, MNIST, the archives."""
 from __future__ import annotations
 
 import os
@@ -89,6 +89,17 @@ def model_archive(tmp_path_factory) -> Path:
         check=True, capture_output=True, timeout=120,
     )
     return directory / "mnist.mar"
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory) -> Path:
+    """mnist.mar around the reference model (the model `make train` makes), in a model store of its own.
+    Shared by the tests of every phase: none changes it (those that damage an archive damage a copy)."""
+    from handler.archive import build_archive, version_from_metrics
+    from reference_model import reference_model_dir
+
+    model = reference_model_dir()
+    return build_archive(model / "model.pt", tmp_path_factory.mktemp("model-store"), version_from_metrics(model / "metrics.json"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from handler.archive import build_archive, version_from_metrics
 from handler.bench import kserve_peer
 from handler.client import encoded, post
 from handler.server import Ports, start_torchserve
@@ -19,12 +18,6 @@ from reference_model import reference_model_dir
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    model = reference_model_dir()
-    return build_archive(model / "model.pt", tmp_path_factory.mktemp("model-store"), version_from_metrics(model / "metrics.json"))
 
 
 def peer_answer(url: str, png: bytes) -> dict:

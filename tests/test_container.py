@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handler.archive import build_archive, version_from_metrics
 from handler.client import encoded, post
 from handler.server import Ports
-from reference_model import reference_model_dir
 from test_chart import helm  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +49,6 @@ def engine() -> None:
     leftovers = docker("ps", "--all", "--quiet", "--filter", f"label={LABEL}").stdout.split()
     if leftovers:  # from an interrupted run
         docker("rm", "--force", *leftovers, check=False)
-
-
-@pytest.fixture(scope="session")
-def archive(tmp_path_factory) -> Path:
-    model = reference_model_dir()
-    return build_archive(model / "model.pt", tmp_path_factory.mktemp("built"), version_from_metrics(model / "metrics.json"))
 
 
 @pytest.fixture(scope="session")

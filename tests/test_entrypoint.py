@@ -23,10 +23,9 @@ import psutil
 import pytest
 from conftest import LOCAL_ENV
 
-from handler.archive import build_archive, version_from_metrics
+from handler.archive import build_archive
 from handler.server import LOG_CONFIG, Ports, config_with_ports
 from image_env import ROOT, image_venv
-from reference_model import reference_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +38,6 @@ FAIL_S = 60.0  # a refusal is quick: no TorchServe is started
 @pytest.fixture(scope="module")
 def python() -> Path:
     return image_venv() / "bin" / "python"
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    """mnist.mar around the reference model (the model `make train` makes)."""
-    model = reference_model_dir()
-    return build_archive(model / "model.pt", tmp_path_factory.mktemp("built"), version_from_metrics(model / "metrics.json"))
 
 
 @dataclass

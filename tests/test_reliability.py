@@ -17,7 +17,7 @@ import pytest
 
 from handler.client import parse
 from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
-from test_serve import archive, digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
+from test_serve import digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
 from training import db
 
 MIXED_LOAD_S = 10.0

@@ -23,11 +23,9 @@ import psutil
 import pytest
 from PIL import Image
 
-from handler.archive import build_archive, version_from_metrics
 from handler.client import Reply, post
 from handler.mnist_handler import BATCH_LOG_ENV
 from handler.server import Ports, Server, start_torchserve
-from reference_model import reference_model_dir
 from test_handler_inputs import png_claiming, zip_archive, zip_bomb_png  # noqa: F401 (zip_bomb_png: a fixture)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -40,14 +38,6 @@ CLIENT_THREADS = 16
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    """mnist.mar around the reference model, in a model store of its own."""
-    model = reference_model_dir()
-    store = tmp_path_factory.mktemp("model-store")
-    return build_archive(model / "model.pt", store, version_from_metrics(model / "metrics.json"))
-
 
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory) -> Server:
