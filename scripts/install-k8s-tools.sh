@@ -3,7 +3,8 @@
 # checkout, because this machine reaches package registries only (no release
 # downloads, no Docker). A tool whose stamp matches its pinned version is skipped.
 #
-#   scripts/install-k8s-tools.sh [helm|kwok|kube|etcd ...]   (default: all)
+#   scripts/install-k8s-tools.sh [helm|kwok|kube|etcd|kube-node|kind|coredns|kube-router ...]
+#   (default: helm kwok etcd kube, what the kwok cluster needs; the rest are the kind node's)
 #
 # Binaries land in ${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}/bin.
 set -o errexit -o nounset -o pipefail
@@ -97,11 +98,11 @@ install_kwok() {
 # Wrapper module: `go install k8s.io/kubernetes/cmd/...@v` is refused because
 # k8s.io/kubernetes' go.mod replaces its staging modules (k8s.io/api, ...) with
 # local paths; the wrapper points each at its published v0.<minor>.<patch> tag.
-install_kube() {
+# One wrapper for the control plane (kwok) and the node binaries (kind), so they share compiled packages.
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kubeadm kube-proxy)
+build_kube() { # build_kube CMD...: those of KUBE_CMDS, into $BIN
   local dir="$BUILD/kube-$KUBE_VERSION" gomod staging m
-  # kubectl too: the machine's may be several minors older than the API server (skew warnings).
-  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-  local pkgs=("${cmds[@]/#/k8s.io/kubernetes/cmd/}")
+  local pkgs=("${KUBE_CMDS[@]/#/k8s.io/kubernetes/cmd/}")
   # Each package with its version: without one, go upgrades k8s.io/kubernetes to its newest
   # release, which does not build against the staging modules pinned below.
   local versioned=("${pkgs[@]/%/@$KUBE_VERSION}")
@@ -127,10 +128,48 @@ install_kube() {
     -X k8s.io/component-base/version.gitMinor=$minor
     -X k8s.io/component-base/version.gitTreeState=clean
     -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
-  (cd "$dir" && go_nice build "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" -o "$BIN/" "${pkgs[@]}")
-  for m in kube-apiserver kube-controller-manager kube-scheduler; do check_version "$KUBE_VERSION" "$BIN/$m" --version; done
-  for m in "${cmds[@]}"; do check_module "$BIN/$m" k8s.io/kubernetes "$KUBE_VERSION"; done
-  check_version "$KUBE_VERSION" "$BIN/kubectl" version --client
+  (cd "$dir" && go_nice build "${BUILD_FLAGS[@]}" -ldflags "${ldflags//$'\n'/ }" -o "$BIN/" "${@/#/k8s.io/kubernetes/cmd/}")
+  for m in "$@"; do
+    check_module "$BIN/$m" k8s.io/kubernetes "$KUBE_VERSION"
+    case $m in
+      kubectl) check_version "$KUBE_VERSION" "$BIN/kubectl" version --client ;;
+      kubeadm) check_version "$KUBE_VERSION" "$BIN/kubeadm" version -o short ;;
+      *) check_version "$KUBE_VERSION" "$BIN/$m" --version ;;
+    esac
+  done
+}
+
+# kubectl too: the machine's may be several minors older than the API server (skew warnings).
+install_kube() { build_kube kube-apiserver kube-controller-manager kube-scheduler kubectl; }
+# What a kind node runs besides the control plane (k8s/kind/node-image.sh).
+install_kube_node() { build_kube kubelet kubeadm kube-proxy; }
+
+install_kind() {
+  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
+  check_module "$BIN/kind" sigs.k8s.io/kind "$KIND_VERSION"
+  check_version "$KIND_VERSION" "$BIN/kind" version
+}
+
+# CoreDNS with only the plugins kubeadm's Corefile uses (k8s/kind/coredns/main.go): the full set,
+# with every cloud provider's SDK, takes ~11 min to build on 2 cores.
+install_coredns() {
+  local dir="$BUILD/coredns-$COREDNS_VERSION"
+  rm -rf "$dir" && mkdir -p "$dir" && cp "$ROOT/k8s/kind/coredns/main.go" "$dir/"
+  (cd "$dir" && go_nice mod init mnist-serve.local/coredns &&
+    go_nice get "github.com/coredns/coredns@$COREDNS_VERSION" &&
+    GOFLAGS=-mod=mod go_nice mod tidy && check_resolved github.com/coredns/coredns "$COREDNS_VERSION" &&
+    go_nice build "${BUILD_FLAGS[@]}" -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$BIN/coredns" .)
+  check_module "$BIN/coredns" github.com/coredns/coredns "$COREDNS_VERSION"
+  check_version "${COREDNS_VERSION#v}" "$BIN/coredns" -version
+}
+
+# The NetworkPolicy controller of the kind cluster (its firewall only: routes and services stay kube-proxy's).
+install_kube_router() {
+  local v=github.com/cloudnativelabs/kube-router/v2
+  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "-s -w -X $v/pkg/version.Version=$KUBE_ROUTER_VERSION" \
+    "$v/cmd/kube-router@$KUBE_ROUTER_VERSION"
+  check_module "$BIN/kube-router" "$v" "$KUBE_ROUTER_VERSION"
+  check_version "$KUBE_ROUTER_VERSION" "$BIN/kube-router" --version
 }
 
 # etcd's server module also replaces its sibling modules with local paths.
@@ -163,6 +202,10 @@ install() { # install TOOL VERSION BINARY...
 # Sourced (by tests/test_pinned_tools.py): the functions only.
 [[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
+# One build at a time: two would share the wrapper modules' folders (a second `make` target, a test).
+exec 9>"$BIN/.install.lock"
+flock 9
+
 tools=("$@")
 [[ ${#tools[@]} -gt 0 ]] || tools=(helm kwok etcd kube)
 for t in "${tools[@]}"; do
@@ -172,7 +215,11 @@ for t in "${tools[@]}"; do
     kube | kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
       install kube "$KUBE_VERSION" kube-apiserver kube-controller-manager kube-scheduler kubectl ;;
     etcd) install etcd "$ETCD_VERSION" etcd ;;
-    *) echo "unknown tool '$t' (want: helm kwok kube etcd)" >&2; exit 2 ;;
+    kube-node | kubelet | kubeadm | kube-proxy) install kube_node "$KUBE_VERSION" kubelet kubeadm kube-proxy ;;
+    kind) install kind "$KIND_VERSION" kind ;;
+    coredns) install coredns "$COREDNS_VERSION" coredns ;;
+    kube-router) install kube_router "$KUBE_ROUTER_VERSION" kube-router ;;
+    *) echo "unknown tool '$t' (want: helm kwok kube etcd kube-node kind coredns kube-router)" >&2; exit 2 ;;
   esac
 done
 echo "tools in $BIN (total ${SECONDS}s)"

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "scripts" / "install-k8s-tools.sh"
-SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("k8s/*.sh"), *ROOT.glob("docker/*.sh")])
+SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("k8s/**/*.sh"), *ROOT.glob("docker/*.sh")])
 
 
 def versions() -> dict[str, str]:
