@@ -119,7 +119,7 @@ cluster-down: ## delete that cluster
 cluster-status: ## is it up?
 	scripts/cluster.sh status
 
-kind-smoke: venv $(MAR) ## kind cluster: build, load, helm install, post a digit, helm test, delete (needs Docker and kind)
+kind-smoke: venv $(MAR) ## kind cluster (node image from package registries): install, digits, NetworkPolicy, registry, upgrades under load
 	k8s/kind-smoke.sh
 
 .PHONY: image image-gpu image-with-model image-train bench-image chart-lint cluster-up cluster-down cluster-status kind-smoke
