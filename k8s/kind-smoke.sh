@@ -174,6 +174,10 @@ fi
 "$KUBECTL" --namespace kube-system rollout status deployment/coredns --timeout 3m
 
 phase "the serving image into the node (kind load docker-image)"
+# The node's containerd keeps the image twice (its layers and their unpacked snapshot) in the engine's disk.
+size="$(docker image inspect --format '{{.Size}}' "$tag")"
+free="$(df --output=avail -B1 "$(docker info --format '{{.DockerRootDir}}')" | tail -n 1)"
+((free > 2 * size + 2 * 1024 ** 3)) || fail "loading $tag into the node needs $(((2 * size) / 1024 ** 3 + 2)) GiB free where Docker keeps its data; $((free / 1024 ** 3)) GiB are (docker system df; docker builder prune frees the build cache)"
 kind load docker-image "$tag" --name "$CLUSTER"
 
 phase "helm install $RELEASE ($tag)"
