@@ -166,8 +166,8 @@ install_coredns() {
 # The NetworkPolicy controller of the kind cluster (its firewall only: routes and services stay kube-proxy's).
 install_kube_router() {
   local v=github.com/cloudnativelabs/kube-router/v2
-  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "-s -w -X $v/pkg/version.Version=$KUBE_ROUTER_VERSION" \
-    "$v/cmd/kube-router@$KUBE_ROUTER_VERSION"
+  local ldflags="-s -w -X $v/pkg/version.Version=$KUBE_ROUTER_VERSION"
+  GOBIN="$BIN" go_nice install "${BUILD_FLAGS[@]}" -ldflags "$ldflags" "$v/cmd/kube-router@$KUBE_ROUTER_VERSION"
   check_module "$BIN/kube-router" "$v" "$KUBE_ROUTER_VERSION"
   check_version "$KUBE_ROUTER_VERSION" "$BIN/kube-router" --version
 }
