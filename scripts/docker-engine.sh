@@ -17,6 +17,19 @@ say() { echo "docker-engine: $*" >&2; }
 fail() { echo "error: $*" >&2; exit 1; }
 answers() { docker info --format '{{.ServerVersion}}' 2>/dev/null; }
 
+# A machine started again from its disk (a VM restored from a snapshot, a CI runner) keeps /run's pid files
+# but none of their processes, and the PIDs get reused: dockerd refuses to start over a pid file whose PID is
+# alive, and it takes a live containerd.pid for its containerd and waits 60 s for a socket nobody opens. So a
+# pid file counts only if its PID runs the program it names.
+forget_stale_pidfile() { # FILE PROGRAM
+  local pid
+  [[ -f $1 ]] || return 0
+  pid="$(<"$1")"
+  [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]] && return 0
+  say "removing $1: pid ${pid:-(none)} is not a running $2 (left by a machine that stopped)"
+  rm -f "$1"
+}
+
 if version="$(answers)"; then
   say "Docker engine $version answers${DOCKER_HOST:+ at $DOCKER_HOST}"
   exit 0
@@ -35,6 +48,8 @@ if ! command -v dockerd >/dev/null; then
     || fail "apt-get install $PACKAGE failed"
 fi
 mkdir -p "$CACHE"
+forget_stale_pidfile /var/run/docker.pid dockerd
+forget_stale_pidfile /var/run/docker/containerd/containerd.pid containerd
 say "starting dockerd (log: $LOG)"
 # Its own session, so it outlives this script and the make or pytest run that called it.
 setsid dockerd >>"$LOG" 2>&1 </dev/null &

@@ -51,6 +51,30 @@ def engine() -> None:
         docker("rm", "--force", *leftovers, check=False)
 
 
+def test_an_engine_starts_over_pid_files_a_stopped_machine_left(engine, tmp_path):
+    """A machine started again from its disk (a restored VM, a CI runner) keeps /run's pid files while their
+    PIDs now belong to other processes: the script still starts an engine. Run in PID, mount and network
+    namespaces of its own with an empty /run and /var/lib/docker, so the machine's own engine is untouched."""
+    (tmp_path / "lib").mkdir()
+    inside = f"""
+        set -o errexit -o nounset
+        mount -t tmpfs tmpfs /run && mount --bind {tmp_path}/lib /var/lib/docker
+        sleep 600 & other=$!
+        mkdir -p /run/docker/containerd
+        echo $other >/run/docker.pid && echo $other >/run/docker/containerd/containerd.pid
+        MNIST_SERVE_CACHE={tmp_path} {ROOT}/scripts/docker-engine.sh
+        kill $(cat /run/docker.pid) && while [[ -e /run/docker.pid ]]; do sleep 0.2; done
+    """
+    done = subprocess.run(["unshare", "--pid", "--mount", "--net", "--fork", "--mount-proc", "bash", "-c", inside],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr + (tmp_path / "dockerd.log").read_text()[-3000:]
+    said = done.stderr.splitlines()
+    assert any(re.fullmatch(r"docker-engine: removing /var/run/docker.pid: pid \d+ is not a running dockerd .*", line) for line in said)
+    assert any(re.fullmatch(r"docker-engine: removing /var/run/docker/containerd/containerd.pid: pid \d+ is not a running containerd .*", line)
+               for line in said)
+    assert re.fullmatch(r"docker-engine: Docker engine \S+ answers \(started here, left running\)", said[-1])
+
+
 @pytest.fixture(scope="session")
 def image(engine) -> str:
     tag, _ = build("cpu")
