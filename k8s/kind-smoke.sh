@@ -242,10 +242,7 @@ CASSANDRA_KEYSPACE=$KEYSPACE "$ROOT/.venv/bin/mnist-registry" promote 1 --alias 
 # The node listens on loopback; the pods reach this host at the kind network's gateway, where socat
 # forwards to it. Nothing outside this machine reaches that address.
 gateway="$(docker network inspect kind --format '{{range .IPAM.Config}}{{.Gateway}} {{end}}' | tr ' ' '\n' | grep -m1 '\.')"
-if ! command -v socat >/dev/null; then
-  apt-get install --yes --no-install-recommends "$SOCAT" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install --yes --no-install-recommends "$SOCAT" >/dev/null; } || fail "apt-get install $SOCAT failed"
-fi
+"$ROOT/scripts/apt-install.sh" socat "$SOCAT"
 socat "TCP-LISTEN:9042,bind=$gateway,fork,reuseaddr" TCP:127.0.0.1:9042 &
 background+=($!)
 echo "the pods' registry: $gateway:9042 (socat to the local node), keyspace $KEYSPACE"

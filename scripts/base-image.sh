@@ -23,11 +23,7 @@ if docker image inspect "$TAG" >/dev/null 2>&1; then
   exit 0
 fi
 [[ $(id -u) == 0 ]] || fail "building $TAG needs root (debootstrap); or pass a Python 3.11 Debian 12 image as PYTHON_IMAGE"
-if ! command -v debootstrap >/dev/null; then
-  say "installing $DEBOOTSTRAP (apt-get install)"
-  apt-get install --yes --no-install-recommends "$DEBOOTSTRAP" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install --yes --no-install-recommends "$DEBOOTSTRAP" >/dev/null; }
-fi
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" debootstrap "$DEBOOTSTRAP"
 
 # The Debian mirror this machine's apt uses (a mirror or proxy of its own, where it has one).
 mirror="$(sed -n 's/^URIs: *\(\S*\/debian\)\/\?$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)"

@@ -40,13 +40,7 @@ if [[ $(id -u) != 0 ]] || ! grep -q '^ID=debian' /etc/os-release 2>/dev/null; th
   fail "no Docker engine answers ('docker info' fails); start one (this script installs one itself only on Debian as root)"
 fi
 
-if ! command -v dockerd >/dev/null; then
-  say "installing $PACKAGE (apt-get install)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install --yes --no-install-recommends "$PACKAGE" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install --yes --no-install-recommends "$PACKAGE" >/dev/null; } \
-    || fail "apt-get install $PACKAGE failed"
-fi
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" dockerd "$PACKAGE"
 mkdir -p "$CACHE"
 forget_stale_pidfile /var/run/docker.pid dockerd
 forget_stale_pidfile /var/run/docker/containerd/containerd.pid containerd

@@ -4,14 +4,6 @@
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! command -v wrk >/dev/null; then
-    # Debian 12's only wrk release; the pattern still takes a rebuild (+bN) of it.
-    package="wrk=4.1.0-*"
-    echo "with-wrk: installing $package (apt-get install)" >&2
-    sudo=""
-    [[ $(id -u) == 0 ]] || sudo=sudo
-    # A fresh machine may have no package lists yet.
-    $sudo apt-get install -y --no-install-recommends "$package" >/dev/null \
-        || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends "$package" >/dev/null; }
-fi
+# Debian 12's only wrk release; the pattern still takes a rebuild (+bN) of it.
+scripts/apt-install.sh wrk "wrk=4.1.0-*"
 exec "$@"

@@ -64,7 +64,25 @@ def test_every_go_get_and_install_names_its_version():
 def test_maven_plugins_and_apt_packages_are_pinned():
     pom = (ROOT / "scripts" / "cassandra" / "pom.xml").read_text()
     assert re.search(r"<artifactId>maven-dependency-plugin</artifactId>\s*<version>\d+\.\d+\.\d+</version>", pom)
+    calls = 0
     for script in SCRIPTS:
-        for line in script.read_text().splitlines():
-            if re.match(r"\s*(\$sudo )?apt-get install", line) or "&& $sudo apt-get install" in line:
-                assert re.search(r'"\$\w+"|=\S+', line.split("apt-get install", 1)[1]), f"{script.name}: {line.strip()}"
+        text = script.read_text()
+        if script.name == "apt-install.sh":
+            continue
+        for line in text.splitlines():
+            if "apt-get install" in line:  # only the image's own install script, inside the build, has apt-get
+                assert script.name == "install.sh" and re.search(r'"\$\w+_PACKAGE"', line), f"{script.name}: {line.strip()}"
+        for line in text.splitlines():
+            if "apt-install.sh" in line and not line.lstrip().startswith("#"):
+                calls += 1
+                package = re.search(r'apt-install\.sh"? +\S+ +"?([^"\s]+)', line).group(1)
+                if package.startswith("$"):  # a variable of the script: its value must pin the version
+                    package = re.search(rf"^{package[1:]}=\"?(\S+?)\"?$", text, re.MULTILINE).group(1)
+                assert re.fullmatch(r"[a-z0-9.+-]+=\d[\w.+~:-]*\*?", package), f"{script.name}: {line.strip()}"
+    assert calls >= 5  # debootstrap (twice), dockerd, socat, wrk, haproxy
+
+
+def test_apt_install_refuses_a_package_without_its_version():
+    done = subprocess.run([str(ROOT / "scripts" / "apt-install.sh"), "no-such-command", "socat"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: socat names no version (usage: scripts/apt-install.sh COMMAND PACKAGE=VERSION)"]

@@ -63,11 +63,7 @@ debootstrap_pid="" containerd_pid=""
 trap 'kill $debootstrap_pid $containerd_pid 2>/dev/null || true' EXIT
 
 say "node root filesystem: debootstrap $SUITE (log: $work/debootstrap.log)"
-if ! command -v debootstrap >/dev/null; then
-  apt-get install --yes --no-install-recommends "$DEBOOTSTRAP" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null && apt-get install --yes --no-install-recommends "$DEBOOTSTRAP" >/dev/null; } \
-    || fail "apt-get install $DEBOOTSTRAP failed"
-fi
+"$ROOT/scripts/apt-install.sh" debootstrap "$DEBOOTSTRAP"
 mirror="$(sed -n 's/^URIs: *\(\S*\/debian\)\/\?$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)"
 [[ -n "$mirror" ]] || mirror="$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ { print $2; exit }' /etc/apt/sources.list 2>/dev/null)"
 [[ -n "$mirror" ]] || fail "no Debian mirror found in this machine's apt sources"
