@@ -56,9 +56,9 @@ FROM compat-${CUDA_COMPAT} AS compat
 FROM ${PYTHON_IMAGE} AS runtime
 COPY docker/install.sh /opt/mnist-serve/docker/install.sh
 RUN /opt/mnist-serve/docker/install.sh system
-# Only what runs: the handler and server settings, the registry client, the entrypoint.
+# Only what runs: the handler and server settings, the registry client, the entrypoint (no training code).
 COPY handler/ /opt/mnist-serve/handler/
-COPY training/ /opt/mnist-serve/training/
+COPY registry/ /opt/mnist-serve/registry/
 COPY docker/entrypoint.py /opt/mnist-serve/docker/entrypoint.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/mnist-serve \
@@ -94,6 +94,7 @@ ENTRYPOINT ["/opt/venv/bin/python", "/opt/mnist-serve/docker/entrypoint.py"]
 # --- the training job: `python -m training ...` (k8s/train-job.yaml runs train, archive, publish) ------
 FROM runtime-venv AS train
 COPY --from=builder-train /opt/training /opt/training
+COPY training/ /opt/mnist-serve/training/
 # The commit the code came from, for metrics.json: the image has no .git (docker/build.sh passes it).
 ARG GIT_COMMIT=unknown
 # matplotlib's cache, under the writable /tmp like the rest.

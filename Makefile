@@ -46,6 +46,12 @@ cassandra-down: ## stop the local node this project started
 cassandra-status: ## is the local node up?
 	scripts/cassandra.sh status
 
+astra-local-up: venv ## a local stand-in for Astra's connection path (bundle, metadata service, SNI proxy, TLS node, roles)
+	$(PY) scripts/astra_local.py up
+
+astra-local-down: venv ## stop it
+	$(PY) scripts/astra_local.py down
+
 load-data: venv cassandra-up ## load the 70,000 MNIST images (and 1,000 to score) into Cassandra
 	$(PY) -m training load-data --predict 1000
 
@@ -131,4 +137,4 @@ test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)
 clean: ## remove artifacts/ (caches outside the checkout stay)
 	rm -rf $(ARTIFACTS)
 
-.PHONY: help venv lock train test clean cassandra-up cassandra-down cassandra-status load-data train-db predict-table bench-db
+.PHONY: help venv lock train test clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db

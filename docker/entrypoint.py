@@ -22,7 +22,7 @@ Settings, from the environment (the image sets the paths; the chart sets the res
   READY_FILE         written once a prediction was answered, removed at start and stop (default TMPDIR/mnist-serve-ready)
   STOP_TIMEOUT       seconds TorchServe gets to stop after SIGTERM before it is killed (default 25)
   TERMINATION_LOG    where the failure message goes (default /dev/termination-log)
-  CASSANDRA_*, ASTRA_DB_*   the registry's connection, read by training/config.py
+  CASSANDRA_*, ASTRA_DB_*   the registry's connection, read by registry/settings.py
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Mapping
 
 APP = Path(__file__).resolve().parent.parent  # the repository, or /opt/mnist-serve in the image
-sys.path.insert(0, str(APP))  # training/ and handler/, however this file is started
+sys.path.insert(0, str(APP))  # registry/ and handler/, however this file is started
 
 from handler.server import LOG_CONFIG, MODEL_NAME, PROBE, log_tail  # noqa: E402 (needs the path above)
 
@@ -129,9 +129,9 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
 
 def fetch_from_registry(settings: Settings) -> tuple[Path, str]:
     """Download MODEL_VERSION into the model store; the registry checks every chunk and the whole sha256."""
-    from training import db
-    from training.config import SettingsError, cassandra_settings
-    from training.registry import Registry, RegistryError
+    from registry import db
+    from registry.settings import SettingsError, cassandra_settings
+    from registry.store import Registry, RegistryError
 
     try:
         connection = cassandra_settings()

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,17 @@ import tempfile
 import threading
 import time
 import zipfile
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from handler.bench import MemoryPeaks, digit_images, load_line, verdict, write_pngs
 from handler.client import encoded
 from handler.server import Ports, Server, start_torchserve
-from training.config import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from cassandra_node import CassandraNode, scratch_node  # noqa: E402 (scripts/cassandra_node.py)
+
 WRK_SCRIPT = Path(__file__).with_name("wrk_soak.lua")
 DIGIT_COUNT = 100
 WARM_UP_S = 10
@@ -245,58 +244,8 @@ def report_load(results: list[Minute], kinds: list[str], start: dict[str, int], 
 
 # --- the registry through a database restart -----------------------------------------------------
 
-@dataclass
-class ScratchNode:
-    """A Cassandra node for fault runs, started and stopped with scripts/cassandra.sh: other ports, its own config,
-    data, logs and pid file under CACHE/scratch-node, the jars of the shared node; so the shared node is never touched."""
-    port: int = 9142
-    storage_port: int = 7100
-    jmx_port: int = 7299
-    home: Path = field(default_factory=lambda: cache_dir() / "scratch-node")
-
-    @property
-    def env(self) -> dict[str, str]:
-        local = {key: value for key, value in os.environ.items() if not key.startswith("ASTRA_DB_")}
-        return {**local, "MNIST_SERVE_CACHE": str(self.home), "CASSANDRA_LIB": str(cache_dir() / "cassandra" / "lib"),
-                "CASSANDRA_HEAP": "512m",  # a registry of a few archives; the shared node keeps its 1g
-                "CASSANDRA_HOSTS": "127.0.0.1", "CASSANDRA_PORT": str(self.port),
-                "CASSANDRA_STORAGE_PORT": str(self.storage_port), "CASSANDRA_JMX_PORT": str(self.jmx_port)}
-
-    def script(self, command: str) -> float:
-        """Run scripts/cassandra.sh COMMAND for this node; its seconds."""
-        started = time.monotonic()
-        done = subprocess.run([str(ROOT / "scripts" / "cassandra.sh"), command], env=self.env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"scripts/cassandra.sh {command} (port {self.port}) failed:\n{done.stdout}{done.stderr}")
-        return time.monotonic() - started
-
-    def up(self) -> float:
-        return self.script("up")
-
-    def down(self) -> float:
-        return self.script("down")
-
-
-@contextmanager
-def scratch_node() -> Iterator[ScratchNode]:
-    """A ScratchNode started on empty data; stopped and its data removed at the end."""
-    node = ScratchNode()
-    node.down()  # one a killed run left behind
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", node.port)) == 0:
-            raise RuntimeError(f"127.0.0.1:{node.port} is taken by another program; the scratch Cassandra node needs it")
-    data = node.home / "cassandra" / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    node.up()
-    try:
-        yield node
-    finally:
-        node.down()
-        shutil.rmtree(data, ignore_errors=True)
-
-
 def registry(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.registry_cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "registry.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass
@@ -324,11 +273,11 @@ def big_archive(path: Path, megabytes: int) -> Path:
     return path
 
 
-def registry_through_a_restart(node: ScratchNode, keyspace: str, archive: Path, metrics: Path, work: Path, retry_s: float = 6) -> RestartFigures:
+def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path, metrics: Path, work: Path, retry_s: float = 6) -> RestartFigures:
     """On a running `node`: publish `archive` as version "1" in `keyspace`, then the three restarts; the node is up at the end."""
-    from training import db
-    from training.config import cassandra_settings
-    from training.registry import Registry, chunk_count, read_metrics
+    from registry import db
+    from registry.settings import cassandra_settings
+    from registry.store import Registry, chunk_count, read_metrics
 
     env = {**node.env, "CASSANDRA_KEYSPACE": keyspace, "CASSANDRA_CONNECT_TIMEOUT": "2"}
     published = registry(env, "publish", str(archive), "--metrics", str(metrics), "--version", "1")
@@ -341,7 +290,7 @@ def registry_through_a_restart(node: ScratchNode, keyspace: str, archive: Path, 
     failed_after = time.monotonic() - started
 
     started = time.monotonic()
-    waiting = subprocess.Popen([sys.executable, "-m", "training.registry_cli", "download", "1", "--out", str(work / "after-restart"),
+    waiting = subprocess.Popen([sys.executable, "-m", "registry.cli", "download", "1", "--out", str(work / "after-restart"),
                                 "--retry-seconds", "120"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     restart = node.up()
     answering = time.monotonic()
@@ -403,7 +352,7 @@ def report_registry(figures: RestartFigures, retry_s: float) -> bool:
 
 
 def registry_phase(archive: Path, metrics: Path) -> bool:
-    print(f"\nthe registry through a database restart, on a Cassandra node of its own at 127.0.0.1:{ScratchNode.port} "
+    print(f"\nthe registry through a database restart, on a Cassandra node of its own at 127.0.0.1:{CassandraNode.port} "
           "(the shared node is not touched); starting it...", flush=True)
     with scratch_node() as node, tempfile.TemporaryDirectory(prefix="soak-registry-") as tmp:
         retry_s = 6

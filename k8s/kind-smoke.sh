@@ -232,8 +232,8 @@ phase "registry: two versions in the local Cassandra node"
 "$ROOT/scripts/cassandra.sh" up
 (cd "$ROOT" && "$PY" -c "
 from cassandra.cluster import Cluster
-from training.config import cassandra_settings
-from training.db import cluster_kwargs
+from registry.settings import cassandra_settings
+from registry.db import cluster_kwargs
 cluster = Cluster(**cluster_kwargs(cassandra_settings()))
 cluster.connect().execute('DROP KEYSPACE IF EXISTS $KEYSPACE')
 cluster.shutdown()")

@@ -13,6 +13,9 @@
 # MNIST_SERVE_CACHE (~/.cache/mnist-serve), JAVA_HOME.
 # CASSANDRA_STORAGE_PORT (7000), CASSANDRA_JMX_PORT (7199). A second node (other
 # ports and MNIST_SERVE_CACHE) shares the jars with CASSANDRA_LIB=<first cache>/cassandra/lib.
+# CASSANDRA_CONF_EXTRA: a YAML file whose top-level settings replace or add to the
+# node's cassandra.yaml (scripts/astra_local.py: TLS and logins). CASSANDRA_TLS_CA_FILE
+# (and CASSANDRA_TLS_CERT_FILE, CASSANDRA_TLS_KEY_FILE): the readiness check speaks TLS.
 set -o errexit -o nounset -o pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -47,13 +50,19 @@ die() { echo "cassandra: error: $*" >&2; exit 1; }
 # Sends a protocol v4 OPTIONS frame and expects a SUPPORTED reply.
 # Exit 0 = CQL answers, 1 = nothing listening, 2 = listening but not CQL.
 CQL_PROBE='
-import socket, sys
+import os, socket, ssl, sys
 try:
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
 except OSError:
     sys.exit(1)
 try:
     s.settimeout(3)
+    if os.environ.get("CASSANDRA_TLS_CA_FILE"):
+        tls = ssl.create_default_context(cafile=os.environ["CASSANDRA_TLS_CA_FILE"])
+        tls.check_hostname = False
+        if os.environ.get("CASSANDRA_TLS_CERT_FILE"):
+            tls.load_cert_chain(os.environ["CASSANDRA_TLS_CERT_FILE"], os.environ.get("CASSANDRA_TLS_KEY_FILE"))
+        s = tls.wrap_socket(s)
     s.sendall(bytes([0x04, 0, 0, 0, 0x05, 0, 0, 0, 0]))
     head = b""
     while len(head) < 9:
@@ -115,7 +124,7 @@ fetch_jars() {
     echo "$VERSION" >"$tmp/.version"
     rm -rf "$LIB"
     mv "$tmp" "$LIB"
-    say "fetched $(find "$LIB" -name '*.jar' | wc -l) jars in $((SECONDS - started)) s"
+    say "fetched $(find "$LIB/" -name '*.jar' | wc -l) jars in $((SECONDS - started)) s"
 }
 
 write_conf() {
@@ -123,6 +132,15 @@ write_conf() {
     sed -e "s|@DATA_DIR@|$DATA|g" -e "s|@HOST@|$HOST|g" -e "s|@PORT@|$PORT|g" \
         -e "s|@STORAGE_PORT@|$STORAGE_PORT|g" \
         "$TEMPLATES/cassandra.yaml.in" >"$CONF/cassandra.yaml"
+    if [[ -n ${CASSANDRA_CONF_EXTRA:-} ]]; then
+        # Drop the template's settings that the extra file sets (each with its indented lines), then append it.
+        local keys
+        keys=$(grep -oE '^[a-z_]+:' "$CASSANDRA_CONF_EXTRA" | tr -d : | paste -sd '|')
+        awk -v keys="^($keys):" '$0 ~ keys { skip = 1; next } skip && /^[[:space:]]/ { next } { skip = 0; print }' \
+            "$CONF/cassandra.yaml" >"$CONF/cassandra.yaml.tmp"
+        { echo "# From $CASSANDRA_CONF_EXTRA:"; cat "$CASSANDRA_CONF_EXTRA"; } >>"$CONF/cassandra.yaml.tmp"
+        mv "$CONF/cassandra.yaml.tmp" "$CONF/cassandra.yaml"
+    fi
     sed -e "s|@LOG_DIR@|$LOGS|g" "$TEMPLATES/logback.xml" >"$CONF/logback.xml"
 }
 
@@ -136,7 +154,7 @@ check_java() {
 
 start_jvm() {
     local jamm extra
-    jamm=$(find "$LIB" -maxdepth 1 -name 'jamm-*.jar' | head -n 1)
+    jamm=$(find "$LIB/" -maxdepth 1 -name 'jamm-*.jar' | head -n 1)
     [[ -n $jamm ]] || die "no jamm jar in $LIB (Cassandra measures object sizes with it)"
     local opts=(
         -Xms"$HEAP" -Xmx"$HEAP" -Xss256k

@@ -74,9 +74,11 @@ class ChartPod:
     def grace_seconds(self) -> int:
         return self.pod["spec"]["terminationGracePeriodSeconds"]
 
-    def run_flags(self, config_file: Path, tmpfs_options: dict[str, str] | None = None) -> list[str]:
+    def run_flags(self, config_file: Path, tmpfs_options: dict[str, str] | None = None,
+                  secrets: dict[str, Path] | None = None) -> list[str]:
         """`docker run` flags for what the chart asks of the runtime; TMPFS_OPTIONS replaces the options of
-        an emptyDir's tmpfs (by mount path), to make one unlike the chart's on purpose."""
+        an emptyDir's tmpfs (by mount path), to make one unlike the chart's on purpose. SECRETS: for each Secret
+        the pod mounts, by name, a folder holding its keys as files, mounted read-only as Kubernetes does."""
         pod_context = self.pod["spec"].get("securityContext", {})
         context = {**pod_context, **self.container.get("securityContext", {})}
         uid, gid = context["runAsUser"], context.get("runAsGroup", context["runAsUser"])
@@ -95,6 +97,11 @@ class ChartPod:
                 flags += ["--tmpfs", f"{mount['mountPath']}:{(tmpfs_options or {}).get(mount['mountPath'], options)}"]
             elif "configMap" in volume:
                 flags += ["-v", f"{config_file}:{mount['mountPath']}/config.properties:ro"]
+            elif "secret" in volume:
+                name = volume["secret"]["secretName"]
+                if name not in (secrets or {}):
+                    raise ValueError(f"the pod mounts the Secret {name}: pass a folder with its keys")
+                flags += ["-v", f"{secrets[name]}:{mount['mountPath']}:ro"]
         for name, value in self.env().items():
             flags += ["-e", f"{name}={value}"]
         return flags
@@ -113,8 +120,8 @@ class Container:
     host_ports: Ports | None = None  # with the host's network: the ports it listens on
 
     @classmethod
-    def start(cls, image: str, chart: ChartPod, *extra: str, env: dict[str, str] | None = None,
-              host_network: Ports | None = None, tmpfs_options: dict[str, str] | None = None) -> "Container":
+    def start(cls, image: str, chart: ChartPod, *extra: str, env: dict[str, str] | None = None, host_network: Ports | None = None,
+              tmpfs_options: dict[str, str] | None = None, secrets: dict[str, Path] | None = None) -> "Container":
         """Detached, the chart's flags first, then EXTRA flags (mounts) and ENV settings. HOST_NETWORK runs
         it in the host's network (so it reaches services on the host's loopback) with the chart's config
         moved to those ports; otherwise 8080 and 8082 are published on the host's loopback."""
@@ -124,7 +131,7 @@ class Container:
         if host_network:
             config.write_text(config_with_ports(host_network, config))
         config.chmod(0o644)
-        flags = chart.run_flags(config, tmpfs_options)
+        flags = chart.run_flags(config, tmpfs_options, secrets)
         flags += ["--network=host"] if host_network else ["-p", "127.0.0.1::8080", "-p", "127.0.0.1::8082"]
         for name, value in (env or {}).items():
             flags += ["-e", f"{name}={value}"]

@@ -46,12 +46,12 @@ import psutil  # noqa: E402
 from handler import archive  # noqa: E402
 from handler.client import encoded, post  # noqa: E402
 from handler.server import MODEL_NAME, Ports, config_with_ports  # noqa: E402
-from training import db  # noqa: E402
+from registry import db  # noqa: E402
+from registry.settings import SettingsError, cassandra_settings  # noqa: E402
+from registry.store import Registry, sha256  # noqa: E402
 from training.cassandra_source import LAYOUTS  # noqa: E402
-from training.config import SettingsError, cassandra_settings  # noqa: E402
 from training.data import TEST_COUNT, TRAIN_COUNT, DataError, Mnist, load_mnist  # noqa: E402
 from training.load_data import check_loaded  # noqa: E402
-from training.registry import Registry, sha256  # noqa: E402
 
 STEPS = {
     "cassandra": "start the local Cassandra node",

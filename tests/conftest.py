@@ -24,7 +24,7 @@ def cassandra_settings():
     """Settings for a local node (CASSANDRA_HOSTS/PORT as the developer set them) and a keyspace
     of this run's own, so tests never touch the `mnist` keyspace and can run side by side.
     A node the tests had to start is stopped again at the end; one already running stays."""
-    from training.config import cassandra_settings as from_environment
+    from registry.settings import cassandra_settings as from_environment
 
     was_running = cassandra_script("status").returncode == 0
     started = cassandra_script("up")
@@ -38,7 +38,7 @@ def cassandra_settings():
 @pytest.fixture(scope="session")
 def cassandra(cassandra_settings):
     """A session on the fresh test keyspace with the schema applied; the keyspace is dropped at the end."""
-    from training import db
+    from registry import db
 
     with db.connect(cassandra_settings) as session:
         try:
@@ -51,6 +51,54 @@ def cassandra(cassandra_settings):
 def cassandra_env(cassandra, cassandra_settings) -> dict[str, str]:
     """Environment for a subprocess (a CLI run) that should use the test keyspace."""
     return {**LOCAL_ENV, "CASSANDRA_KEYSPACE": cassandra_settings.keyspace}
+
+
+class AstraLocal:
+    """scripts/astra_local.py's stand-in for Astra's connection path, as the tests use it: the variables of either
+    way in (the bundle and token, or the node directly with TLS and a login), and the role the token holds."""
+
+    def __init__(self, keyspace: str):
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import astra_local
+
+        self.module = astra_local
+        self.keyspace = keyspace
+        self.paths = astra_local.paths()
+        self.token_role = "writer"  # what `up` issues
+
+    def env(self, way: str, role: str) -> dict[str, str]:
+        """The environment of a command run as ROLE, through the bundle (way "bundle") or directly ("direct")."""
+        if way == "bundle":
+            self.use_token(role)
+        local = {key: value for key, value in LOCAL_ENV.items() if not key.startswith("CASSANDRA_")}
+        # A keyspace for each way in: the bundle's is made by the stand-in (as Astra's console makes one), the
+        # direct one by the writer role on first use (as a self-hosted cluster lets it).
+        keyspace = self.keyspace if way == "bundle" else f"{self.keyspace}_direct"
+        return {**local, **self.module.variables(self.paths, keyspace, direct=way == "direct", role=role)}
+
+    def use_token(self, role: str) -> None:
+        if role != self.token_role:
+            self.module.issue_token(self.paths, role)
+            self.token_role = role
+
+    def secrets(self) -> list[str]:
+        """The token and the passwords, which no output may ever show."""
+        files = [self.paths.token, *(self.paths.password(role) for role in self.module.ROLES), self.paths.file("superuser.password")]
+        return [path.read_text().strip() for path in files]
+
+
+@pytest.fixture(scope="session")
+def astra_local(cassandra_settings) -> AstraLocal:
+    """The stand-in, started once for the session (new certificates, an empty node, roles, HAProxy), stopped at the end.
+    Its node shares the jars scripts/cassandra.sh fetched for the shared node (hence cassandra_settings)."""
+    keyspace = "mnist_astra"
+    script = [sys.executable, str(ROOT / "scripts" / "astra_local.py")]
+    started = subprocess.run([*script, "up", "--keyspace", keyspace], capture_output=True, text=True, timeout=600, env=LOCAL_ENV)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield AstraLocal(keyspace)
+    finally:
+        subprocess.run([*script, "down"], capture_output=True, text=True, timeout=300, env=LOCAL_ENV)
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 from conftest import LOCAL_ENV, run_cli
 
-from training import db
-from training.config import cassandra_settings
+from registry import db
+from registry.settings import cassandra_settings
 
 pytestmark = pytest.mark.cassandra
 
@@ -47,7 +47,7 @@ def startup_seconds() -> float:
         ("training", "load-data", "--limit", "10"),
         ("training", "train", "--source", "cassandra", "--epochs", "1"),
         ("training", "predict-table"),
-        ("training.registry_cli", "list"),
+        ("registry.cli", "list"),
     ],
     ids=lambda command: " ".join(command[:2]),
 )
@@ -60,11 +60,11 @@ def test_commands_report_a_database_that_is_down_in_one_line(closed_port, comman
     assert result.stderr.startswith(f"error: cannot connect to Cassandra at 127.0.0.1:{closed_port}, keyspace never_created")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     # The registry CLI starts in a moment; `python -m training` first imports torch.
-    allowed = PROMPT_S if command[0] == "training.registry_cli" else PROMPT_S + startup_seconds
+    allowed = PROMPT_S if command[0] == "registry.cli" else PROMPT_S + startup_seconds
     assert seconds < allowed, f"{seconds:.1f} s"
 
 
 def test_bad_settings_are_one_line_errors_too():
-    result = run_cli({**LOCAL_ENV, "CASSANDRA_PORT": "nine"}, "training.registry_cli", "list", timeout=60)
+    result = run_cli({**LOCAL_ENV, "CASSANDRA_PORT": "nine"}, "registry.cli", "list", timeout=60)
     assert result.returncode == 1
     assert result.stderr == "error: CASSANDRA_PORT='nine' is not a positive whole number\n"

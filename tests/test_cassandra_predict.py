@@ -10,10 +10,10 @@ import torch
 from conftest import run_cli
 from test_cassandra_data import NOTEBOOK_ROWS
 
+from registry.store import Registry, read_metrics
 from training import export
 from training.cassandra_source import LAYOUTS
 from training.load_data import load
-from training.registry import Registry, read_metrics
 
 pytestmark = pytest.mark.cassandra
 

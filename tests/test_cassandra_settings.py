@@ -1,13 +1,31 @@
-"""Connection settings, the Cluster arguments for a local node and for Astra, token ranges: no database needed."""
+"""Connection settings, the Cluster arguments for a local node, a node with TLS and a login, and Astra, token
+ranges: no database needed."""
 from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 from cassandra.auth import PlainTextAuthProvider
 
-from training import db
-from training.config import CassandraSettings, SettingsError, cassandra_settings
+from registry import db
+from registry.settings import CassandraSettings, SettingsError, cassandra_settings
 
 TOKEN = "AstraCS:secret-token-value"
+
+
+def bundle_zip(path: Path, leave_out: str = "", config: dict | None = None) -> Path:
+    """A zip laid out like a secure connect bundle (the files are not real certificates)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        files = {"config.json": json.dumps(config or {"host": "db.example", "port": 29080}), "ca.crt": "-", "cert": "-", "key": "-"}
+        for name, text in files.items():
+            if name != leave_out:
+                archive.writestr(name, text)
+    return path
 
 
 def test_defaults_are_the_local_node():
@@ -27,12 +45,12 @@ def test_local_settings_from_the_environment():
 
 
 def test_astra_settings_build_a_cloud_cluster_with_the_token(tmp_path):
-    bundle = tmp_path / "secure-connect-mnist.zip"
-    bundle.write_bytes(b"PK")
+    bundle = bundle_zip(tmp_path / "secure-connect-mnist.zip")
     settings = cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN, "CASSANDRA_HOSTS": "ignored"})
     assert settings.astra
     kwargs = db.cluster_kwargs(settings)
-    assert kwargs["cloud"] == {"secure_connect_bundle": str(bundle)}
+    # Unpacked in the temp directory: beside the bundle is a read-only Secret mount in a pod.
+    assert kwargs["cloud"] == {"secure_connect_bundle": str(bundle), "use_default_tempdir": True, "connect_timeout": 5.0}
     auth = kwargs["auth_provider"]
     assert isinstance(auth, PlainTextAuthProvider)
     assert (auth.username, auth.password) == ("token", TOKEN)
@@ -41,8 +59,7 @@ def test_astra_settings_build_a_cloud_cluster_with_the_token(tmp_path):
 
 
 def test_astra_token_is_read_from_a_mounted_secret_file(tmp_path):
-    bundle = tmp_path / "bundle.zip"
-    bundle.write_bytes(b"PK")
+    bundle = bundle_zip(tmp_path / "bundle.zip")
     secret = tmp_path / "token"
     secret.write_text(TOKEN + "\n")  # Secrets created from files often end in a newline
     settings = cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN_FILE": str(secret)})
@@ -50,11 +67,49 @@ def test_astra_token_is_read_from_a_mounted_secret_file(tmp_path):
 
 
 def test_the_token_never_appears_in_messages(tmp_path):
-    bundle = tmp_path / "bundle.zip"
-    bundle.write_bytes(b"PK")
+    bundle = bundle_zip(tmp_path / "bundle.zip")
     settings = cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN})
     assert TOKEN not in repr(settings)
     assert TOKEN not in settings.where()
+    login = cassandra_settings({"CASSANDRA_USERNAME": "mnist_reader", "CASSANDRA_PASSWORD": TOKEN})
+    assert TOKEN not in repr(login) and TOKEN not in login.where()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """A CA and a client certificate signed by it, from openssl (as a cluster's operator would make them)."""
+    folder = tmp_path_factory.mktemp("pki")
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-subj", "/CN=test CA", "-days", "1")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.crt", "-days", "1")
+    return {name: folder / name for name in ("ca.crt", "client.crt", "client.key")}
+
+
+def test_a_login_and_tls_build_an_auth_provider_and_a_verifying_context(certificates, tmp_path):
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    settings = cassandra_settings({
+        "CASSANDRA_HOSTS": "cassandra.db.svc", "CASSANDRA_USERNAME": "mnist_reader", "CASSANDRA_PASSWORD_FILE": str(password),
+        "CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
+        "CASSANDRA_TLS_CERT_FILE": str(certificates["client.crt"]), "CASSANDRA_TLS_KEY_FILE": str(certificates["client.key"]),
+    })
+    assert settings.where() == "cassandra.db.svc:9042 (TLS, user mnist_reader), keyspace mnist"
+    kwargs = db.cluster_kwargs(settings)
+    assert (kwargs["auth_provider"].username, kwargs["auth_provider"].password) == ("mnist_reader", "s3cret")
+    context = kwargs["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname  # the node must prove its name
+    unchecked = cassandra_settings({"CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]), "CASSANDRA_TLS_VERIFY_HOSTNAME": "false"})
+    assert not db.cluster_kwargs(unchecked)["ssl_context"].check_hostname
+    assert "auth_provider" not in db.cluster_kwargs(unchecked)
+
+
+def test_tls_files_that_cannot_be_used_are_one_database_error(certificates):
+    swapped = cassandra_settings({"CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
+                                  "CASSANDRA_TLS_CERT_FILE": str(certificates["client.key"]), "CASSANDRA_TLS_KEY_FILE": str(certificates["client.crt"])})
+    with pytest.raises(db.DatabaseError, match=r"^the TLS files of CASSANDRA_TLS_\*_FILE cannot be used: "):
+        db.cluster_kwargs(swapped)
 
 
 @pytest.mark.parametrize(
@@ -68,11 +123,40 @@ def test_the_token_never_appears_in_messages(tmp_path):
         ({"ASTRA_DB_SECURE_BUNDLE": "/nonexistent/bundle.zip"}, "there is no token"),
         ({"ASTRA_DB_SECURE_BUNDLE": "b.zip", "ASTRA_DB_TOKEN": TOKEN, "ASTRA_DB_TOKEN_FILE": "t"}, "set only one"),
         ({"ASTRA_DB_SECURE_BUNDLE": "b.zip", "ASTRA_DB_TOKEN_FILE": "/nonexistent/token"}, "cannot read it"),
+        ({"CASSANDRA_USERNAME": "mnist_reader"}, "CASSANDRA_USERNAME is set but there is no password: set CASSANDRA_PASSWORD, or CASSANDRA_PASSWORD_FILE"),
+        ({"CASSANDRA_PASSWORD": "x"}, "a Cassandra password is set but CASSANDRA_USERNAME is not"),
+        ({"CASSANDRA_TLS_CA_FILE": "/nonexistent/ca.crt"}, "CASSANDRA_TLS_CA_FILE=/nonexistent/ca.crt: no such file"),
+        ({"CASSANDRA_TLS_CERT_FILE": "/etc/hostname"}, "set both CASSANDRA_TLS_CERT_FILE and CASSANDRA_TLS_KEY_FILE"),
+        ({"CASSANDRA_TLS_CERT_FILE": "/etc/hostname", "CASSANDRA_TLS_KEY_FILE": "/etc/hostname"}, "CASSANDRA_TLS_CA_FILE is not"),
+        ({"CASSANDRA_TLS_VERIFY_HOSTNAME": "maybe"}, "is not true or false"),
     ],
 )
 def test_unusable_settings_are_named(environ, message):
     with pytest.raises(SettingsError, match=message):
         cassandra_settings(environ)
+
+
+@pytest.mark.parametrize(
+    "leave_out, config, message",
+    [
+        ("ca.crt", None, "lacks ca.crt (a secure connect bundle holds config.json, ca.crt, cert, key)"),
+        ("", {"host": "db.example"}, "its config.json names no metadata service"),
+    ],
+)
+def test_a_bundle_that_the_driver_could_not_use_is_named(tmp_path, leave_out, config, message):
+    bundle = bundle_zip(tmp_path / "bundle.zip", leave_out, config)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN})
+
+
+def test_a_bundle_that_is_not_a_zip_and_a_bundle_with_a_login_are_refused(tmp_path):
+    text = tmp_path / "bundle.zip"
+    text.write_text("<html>Sign in</html>")  # what a download through a login page saves
+    with pytest.raises(SettingsError, match=rf"ASTRA_DB_SECURE_BUNDLE={text} is not a zip file"):
+        cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(text), "ASTRA_DB_TOKEN": TOKEN})
+    bundle = bundle_zip(tmp_path / "real.zip")
+    with pytest.raises(SettingsError, match="ASTRA_DB_SECURE_BUNDLE is set, and so is CASSANDRA_USERNAME"):
+        cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN, "CASSANDRA_USERNAME": "u"})
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 8, 32, 1000])

@@ -38,6 +38,12 @@ CASES = {
         "--set", "tests.image.repository=python", "--set", "tests.image.tag=3.11.14-slim-bookworm",
         "--set", "imagePullSecrets[0].name=registry", "--set", "priorityClassName=serving",
     ],
+    # A self-hosted cluster with logins and TLS with client certificates (K8ssandra, a company cluster).
+    "self-hosted": [
+        "--set", "cassandra.hosts[0]=cassandra.db.svc", "--set", "cassandra.auth.secretName=cassandra-login",
+        "--set", "cassandra.tls.enabled=true", "--set", "cassandra.tls.secretName=cassandra-tls",
+        "--set", "cassandra.tls.clientCertificate=true",
+    ],
 }
 GPU_CASES = {"eks-gpu", "everything"}
 
@@ -240,6 +246,25 @@ def test_astra_credentials_come_from_secrets_as_files(helm):
     assert not any(o["kind"] == "Secret" for o in objects)  # the chart never holds a credential itself
 
 
+def test_a_self_hosted_clusters_login_and_certificates_come_from_secrets_as_files(helm):
+    objects = render(helm, *CASES["self-hosted"])
+    container = server_container(objects)
+    env = env_of(container)
+    (username,) = [item["valueFrom"]["secretKeyRef"] for item in container["env"] if item["name"] == "CASSANDRA_USERNAME"]
+    assert username == {"name": "cassandra-login", "key": "username"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["CASSANDRA_PASSWORD_FILE"] == f"{mounts['cassandra-auth']}/password" and "CASSANDRA_PASSWORD" not in env
+    assert (env["CASSANDRA_TLS_CA_FILE"], env["CASSANDRA_TLS_CERT_FILE"], env["CASSANDRA_TLS_KEY_FILE"]) == \
+        tuple(f"{mounts['cassandra-tls']}/{name}" for name in ("ca.crt", "tls.crt", "tls.key"))
+    assert env["CASSANDRA_TLS_VERIFY_HOSTNAME"] == "true"
+    volumes = {v["name"]: v["secret"] for v in server_pod(objects)["spec"]["volumes"] if "secret" in v}
+    assert volumes["cassandra-auth"]["secretName"] == "cassandra-login" and [i["key"] for i in volumes["cassandra-auth"]["items"]] == ["password"]
+    assert [i["key"] for i in volumes["cassandra-tls"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    # What the entrypoint reads from them: the settings module takes exactly these variables.
+    ca_only = env_of(server_container(render(helm, "--set", "cassandra.tls.enabled=true", "--set", "cassandra.tls.secretName=ca")))
+    assert "CASSANDRA_TLS_CA_FILE" in ca_only and "CASSANDRA_TLS_CERT_FILE" not in ca_only and "CASSANDRA_USERNAME" not in ca_only
+
+
 def test_service_links_are_off(case):
     """A Service named "cassandra" would otherwise set CASSANDRA_PORT=tcp://... in the pod."""
     _, objects = case
@@ -365,6 +390,8 @@ def test_a_numbered_model_version_is_served_as_that_version(helm):
     ("model.version=0", "/model/version"),
     ("astra.token=AstraCS:abcdef", "/astra"),
     ("astra.enabled=true", "/astra/tokenSecret/name"),
+    ("cassandra.auth.password=s3cret", "/cassandra/auth"),
+    ("cassandra.tls.enabled=true", "/cassandra/tls/secretName"),
     ("torchserve.extraProperties.management_address=http://0.0.0.0:8081", "/torchserve/extraProperties/management_address"),
     ("torchserve.extraProperties.enable_model_api=true", "/torchserve/extraProperties/enable_model_api"),
     ("gpu.count=0", "/gpu/count"),

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,9 +103,9 @@ def started():
 
 
 def start(started: list, image: str, chart: ChartPod, *extra: str, host_network: bool = False,
-          tmpfs_options: dict[str, str] | None = None, **env: str) -> Container:
+          tmpfs_options: dict[str, str] | None = None, secrets: dict[str, Path] | None = None, **env: str) -> Container:
     container = Container.start(image, chart, *extra, env=env, host_network=Ports.free() if host_network else None,
-                                tmpfs_options=tmpfs_options)
+                                tmpfs_options=tmpfs_options, secrets=secrets)
     started.append(container)
     return container
 
@@ -129,6 +130,8 @@ def test_the_image_runs_as_uid_1000_exposes_no_management_port_and_holds_no_buil
                   "for p in /opt/venv/bin/python /usr/bin/python3 /usr/local/bin/python3; do "
                   "[ -x $p ] && $p -m pip --version && echo \"$p has pip\"; done; true")
     assert "has pip" not in pips.stdout, pips.stdout
+    # Serving code only: the entrypoint, the handler and the registry client; the training code is the training image's.
+    assert docker("run", "--rm", "--entrypoint", "ls", image, "/opt/mnist-serve").stdout.split() == ["docker", "handler", "registry"]
     # The host's CA bundle was a build secret. The certificates it has beyond the image's own (Debian's)
     # bundle, such as a TLS-intercepting proxy's, must be in no file of the image.
     bundle = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -210,7 +213,7 @@ def published(cassandra, archive, metrics_file) -> str:
     """The reference archive published in the test keyspace under an alias of its own."""
     import secrets
 
-    from training.registry import Registry, read_metrics
+    from registry.store import Registry, read_metrics
 
     registry = Registry(cassandra)
     version, alias = f"img-{secrets.token_hex(3)}", f"container{secrets.token_hex(3)}"
@@ -233,6 +236,39 @@ def test_serves_a_registry_alias_from_the_local_node(image, chart, started, publ
     assert f"({published}), sha256" in container.logs() and "checked" in container.logs()
     code, _ = container.stop(timeout=chart.grace_seconds() + 10)
     assert code == 143
+
+
+@pytest.mark.cassandra
+def test_serves_through_astras_connection_path_from_read_only_secret_mounts(image, helm, started, astra_local, archive, metrics_file, tmp_path):
+    """As on EKS: the bundle and a read-only token from Secrets, mounted read-only (so the driver must unpack the
+    bundle under /tmp), the registry reached through the stand-in's metadata service and SNI proxy."""
+    from registry import db
+    from registry.settings import cassandra_settings
+    from registry.store import Registry, read_metrics
+
+    with db.connect(cassandra_settings(astra_local.env("bundle", "writer"))) as session:
+        registry = Registry(session)
+        if registry.find("container-1") is None:
+            registry.publish(archive, read_metrics(metrics_file), "container-1")
+        registry.promote("container-1", "container")
+    astra_local.use_token("reader")
+    secrets = {}
+    for name, source, key in (("bundle", astra_local.paths.bundle, "secure-connect-bundle.zip"), ("token", astra_local.paths.token, "token")):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(source, folder / key)
+        os.chown(folder / key, 0, 1000)  # as a Secret volume: root's, readable by the pod's fsGroup
+        (folder / key).chmod(0o440)
+        secrets[f"mnist-serve-astra-{name}"] = folder
+    chart = ChartPod.render(helm, "--set", "astra.enabled=true", "--set", "astra.bundleSecret.name=mnist-serve-astra-bundle",
+                            "--set", "astra.tokenSecret.name=mnist-serve-astra-token", "--set", f"cassandra.keyspace={astra_local.keyspace}",
+                            "--set", "model.version=container")
+    container = start(started, image, chart, host_network=True, secrets=secrets)
+    start_up = watch_start_up(container, chart, START_S)
+    assert start_up.answer_after_probe is not None, container.logs()[-3000:]
+    assert "registry version container-1 (container), sha256" in container.logs()
+    for secret in astra_local.secrets():
+        assert secret not in container.logs()
 
 
 # --- refusals: one line, exit 1 ------------------------------------------------------------------------
@@ -296,6 +332,9 @@ def test_the_training_image_builds_and_runs_its_cli_locked_down(engine, image, c
     done = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--cap-drop=ALL", "--tmpfs", "/tmp", tag, "--help", check=False)
     assert done.returncode == 0 and "train" in done.stdout, done.stdout + done.stderr
     assert docker("image", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip() == "1000:1000"
+    # It publishes what it trains: the registry's command line runs in it too.
+    published = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--entrypoint", "/opt/venv/bin/python", tag, "-m", "registry.cli", "publish", "--help")
+    assert "--metrics" in published.stdout
 
 
 def test_readmes_docker_run_line_works_as_written(image_with_model, archive):

@@ -148,7 +148,7 @@ def test_torchserve_came_from_the_registry_and_nothing_is_left_running(demo, dem
 
 @runs_the_demo
 def test_production_points_at_the_version_it_published(demo, demo_out, cassandra, cassandra_settings):
-    from training.registry import Registry, sha256
+    from registry.store import Registry, sha256
 
     printed = re.search(r"registry: +version (\S+) is production in (.+) \(mnist-registry", demo.output)
     assert printed, demo.output

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import socket
@@ -137,7 +136,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.cassandra
 @pytest.mark.serve
 def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archive, cassandra, cassandra_settings, metrics_file):
-    from training.registry import Registry, read_metrics
+    from registry.store import Registry, read_metrics
 
     registry = Registry(cassandra)
     version, alias = f"ep-{secrets.token_hex(3)}", f"serving{secrets.token_hex(3)}"
@@ -277,7 +276,7 @@ def test_a_registry_that_is_down_is_reported(python, pod):
 
 @pytest.mark.cassandra
 def test_an_archive_altered_in_the_registry_is_refused(python, pod, archive, cassandra, cassandra_env, metrics_file):
-    from training.registry import Registry, read_metrics
+    from registry.store import Registry, read_metrics
 
     registry = Registry(cassandra)
     version = f"ep-bad-{secrets.token_hex(3)}"

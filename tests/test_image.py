@@ -169,6 +169,14 @@ def test_the_server_stage_is_locked_down():
     assert "/src/docker/install.sh training /opt/venv /opt/training" in training
 
 
+def test_the_serving_image_copies_no_training_code():
+    """The server needs the registry client, not the training loop, its data loaders and plots."""
+    copied = lambda name: [a.split()[0] for i, a in stages()[name] if i == "COPY" and not a.startswith("--from")]
+    assert [source for name in ("runtime", "runtime-venv", "serve") for source in copied(name)] == \
+        ["docker/install.sh", "handler/", "registry/", "docker/entrypoint.py"]
+    assert "training/" in copied("train")
+
+
 def test_base_images_are_pinned_to_exact_versions():
     defaults = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", defaults["PYTHON_IMAGE"])

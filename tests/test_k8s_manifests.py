@@ -39,11 +39,12 @@ def test_the_training_job_is_valid(job):
 
 def test_the_training_job_calls_the_real_command_lines(job):
     """Each line of the Job's script is parsed by the project's own argument parsers, as it would run."""
-    from training import cli, registry_cli
+    from registry import cli as registry_cli
+    from training import cli
 
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     commands = [shlex.split(line.replace("$TRAIN_FLAGS", "")) for line in script.splitlines() if line.startswith("python")]
-    assert [c[:3] for c in commands] == [["python", "-m", "training"], ["python", "-m", "handler.archive"], ["python", "-m", "training.registry_cli"]]
+    assert [c[:3] for c in commands] == [["python", "-m", "training"], ["python", "-m", "handler.archive"], ["python", "-m", "registry.cli"]]
     train = cli.parser().parse_args(commands[0][3:])
     assert (train.command, train.source, train.device, str(train.out)) == ("train", "cassandra", "cuda", "/work/out")
     archive_help = subprocess.run([sys.executable, "-m", "handler.archive", "--help"], cwd=ROOT, capture_output=True, text=True)

@@ -14,7 +14,7 @@ from conftest import ROOT, run_cli
 
 from handler.soak import big_archive
 
-from training.registry import (
+from registry.store import (
     AliasInUse, CorruptArchive, DuplicateVersion, MissingChunk, Registry, VersionNotFound, read_metrics,
 )
 
@@ -40,7 +40,7 @@ def metrics(metrics_file) -> dict:
 
 
 def registry_cli(env, *args, timeout=120):
-    return run_cli(env, "training.registry_cli", *args, timeout=timeout)
+    return run_cli(env, "registry.cli", *args, timeout=timeout)
 
 
 def chunks_of(session, version: str) -> list[tuple]:
@@ -55,7 +55,7 @@ def test_publish_list_show_download_round_trip_with_the_cli(cassandra_env, model
     )
     assert published.returncode == 0, published.stderr
     sha = hashlib.sha256(model_archive.read_bytes()).hexdigest()
-    assert f"published version cli-1: mnist.mar" in published.stdout and sha in published.stdout
+    assert "published version cli-1: mnist.mar" in published.stdout and sha in published.stdout
 
     listed = registry_cli(cassandra_env, "list")
     assert listed.returncode == 0, listed.stderr
@@ -134,7 +134,7 @@ def test_a_killed_publish_leaves_no_version(registry, cassandra, cassandra_env, 
     big = big_archive(tmp_path / "big.mar", BIG_MIB)
     total_chunks = -(-big.stat().st_size // (1 << 20))
     publish = subprocess.Popen(
-        [sys.executable, "-m", "training.registry_cli", "publish", str(big), "--metrics", str(metrics_file), "--version", "killed-1"],
+        [sys.executable, "-m", "registry.cli", "publish", str(big), "--metrics", str(metrics_file), "--version", "killed-1"],
         cwd=ROOT, env=cassandra_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     first_chunk = cassandra.prepare("SELECT chunk FROM archive_chunks WHERE version = ? LIMIT 1")
@@ -206,6 +206,6 @@ def test_unknown_names_get_a_specific_error(registry, cassandra_env):
 
 def test_every_subcommand_explains_itself():
     for command in ("publish", "list", "show", "download", "promote", "delete"):
-        result = subprocess.run([sys.executable, "-m", "training.registry_cli", command, "--help"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([sys.executable, "-m", "registry.cli", command, "--help"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and f"usage: mnist-registry {command}" in result.stdout
         assert "CASSANDRA_KEYSPACE" in result.stdout

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from training.registry import BadInput, check_archive, chunk_count, read_chunks, read_metrics, serialized_file
+from registry.store import BadInput, check_archive, chunk_count, read_chunks, read_metrics, serialized_file
 
 
 @pytest.mark.parametrize(

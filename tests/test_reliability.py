@@ -18,7 +18,7 @@ import pytest
 from handler.client import parse
 from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
 from test_serve import digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
-from training import db
+from registry import db
 
 MIXED_LOAD_S = 10.0
 THREADS = 32

@@ -8,17 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from training import db
+from registry import db
+from registry.settings import SETTINGS_HELP, cassandra_settings, keyspace_name
 from training.cassandra_source import LAYOUTS, CassandraMnist
 from training.checkpoint_store import PREFIX, CheckpointStore, new_run_id, parse_reference
-from training.config import cassandra_settings, keyspace_name
 from training.data import DownloadedMnist, IdxDirectory
 from training.train import TrainConfig, TrainState
-
-SETTINGS_HELP = (
-    "Connection settings come from the environment: CASSANDRA_HOSTS (127.0.0.1), CASSANDRA_PORT (9042), "
-    "CASSANDRA_KEYSPACE (mnist); for Astra DB ASTRA_DB_SECURE_BUNDLE plus ASTRA_DB_TOKEN or ASTRA_DB_TOKEN_FILE."
-)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -10,7 +10,7 @@ from cassandra.cluster import Session
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 from tqdm import tqdm
 
-from training import db
+from registry import db
 from training.data import TEST_COUNT, TRAIN_COUNT, DataError, Mnist
 
 PIXELS = 28 * 28

@@ -5,11 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from registry.db import DatabaseError
+from registry.store import RegistryError
 from training import cassandra_cli
 from training.data import DataError
-from training.db import DatabaseError
 from training.export import ExportError
-from training.registry import RegistryError
 from training.train import TrainConfig
 
 DEFAULTS = TrainConfig()

@@ -9,7 +9,7 @@ import numpy as np
 from cassandra.cluster import Session
 from tqdm import tqdm
 
-from training import db
+from registry import db
 from training.cassandra_source import Layout
 from training.data import DataError, Mnist
 

@@ -13,10 +13,11 @@ import torch
 from cassandra.cluster import Session
 from tqdm import tqdm
 
-from training import db, export
+from registry import db
+from registry.store import BadInput, Registry, serialized_file
+from training import export
 from training.cassandra_source import Layout, read_images
 from training.data import DataError
-from training.registry import BadInput, Registry, serialized_file
 
 WRITE_WINDOW = 64  # one row per image and partition: many small writes in flight
 

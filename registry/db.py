@@ -4,13 +4,15 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import ssl
 import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from cassandra import DriverException
+from cassandra import DriverException, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionException
@@ -18,7 +20,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.protocol import ErrorMessage
 from cassandra.query import tuple_factory
 
-from training.config import CassandraSettings
+from registry.settings import CassandraSettings
 
 SCHEMA = Path(__file__).with_name("schema.cql")
 # Murmur3Partitioner tokens are signed 64-bit; no key ever hashes to the minimum, so the ranges
@@ -41,7 +43,8 @@ class DatabaseError(RuntimeError):
 
 
 def cluster_kwargs(settings: CassandraSettings) -> dict:
-    """Arguments for cassandra.cluster.Cluster: the same code path for a local node and for Astra."""
+    """Arguments for cassandra.cluster.Cluster: the same code path for a local node, a node with TLS and a
+    login, and Astra."""
     profile = ExecutionProfile(
         load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
         request_timeout=settings.request_timeout,
@@ -53,12 +56,33 @@ def cluster_kwargs(settings: CassandraSettings) -> dict:
         "control_connection_timeout": settings.connect_timeout,
     }
     if settings.astra:
-        return {
-            "cloud": {"secure_connect_bundle": str(settings.secure_bundle)},
-            "auth_provider": PlainTextAuthProvider("token", settings.token),
-            **common,
+        cloud = {
+            "secure_connect_bundle": str(settings.secure_bundle),
+            # The driver unpacks the bundle into a folder beside it unless told to use the temp directory;
+            # beside it is a read-only Secret mount in a pod.
+            "use_default_tempdir": True,
+            "connect_timeout": settings.connect_timeout,  # the metadata service's request
         }
-    return {"contact_points": list(settings.hosts), "port": settings.port, **common}
+        return {"cloud": cloud, "auth_provider": PlainTextAuthProvider("token", settings.token), **common}
+    kwargs = {"contact_points": list(settings.hosts), "port": settings.port, **common}
+    if settings.username:
+        kwargs["auth_provider"] = PlainTextAuthProvider(settings.username, settings.password)
+    if settings.tls_ca:
+        kwargs["ssl_context"] = tls_context(settings)
+    return kwargs
+
+
+def tls_context(settings: CassandraSettings) -> ssl.SSLContext:
+    """TLS to the nodes: their certificates must chain to CASSANDRA_TLS_CA_FILE (and name the address connected
+    to, unless CASSANDRA_TLS_VERIFY_HOSTNAME=false); the client certificate when the nodes require one."""
+    try:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca))
+        context.check_hostname = settings.tls_verify_hostname
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    except ssl.SSLError as error:
+        raise DatabaseError(f"the TLS files of CASSANDRA_TLS_*_FILE cannot be used: {describe(error)}") from None
+    return context
 
 
 def schema_statements(text: str) -> list[str]:
@@ -75,18 +99,25 @@ def use_keyspace(session: Session, settings: CassandraSettings, remedy: str) -> 
 
 
 def apply_schema(session: Session, settings: CassandraSettings) -> None:
-    """Create the keyspace (local node only) and every table of schema.cql that is missing."""
-    if settings.astra:
-        # Astra refuses CREATE KEYSPACE over CQL: the keyspace is made in its console.
-        use_keyspace(session, settings, "create it in the Astra console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one")
-    else:
+    """Create the keyspace (on a node of our own; Astra's is made in its console) and the tables of schema.cql
+    that it lacks. Nothing is sent for what exists, so a role that may write rows but not change the schema
+    can still load data and publish."""
+    if settings.keyspace not in session.cluster.metadata.keyspaces and not settings.astra:
         session.execute(
             f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} "
             "WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
         )
-        session.set_keyspace(settings.keyspace)
+    # Astra refuses CREATE KEYSPACE over CQL.
+    use_keyspace(session, settings, "create it in the Astra console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one")
+    tables = session.cluster.metadata.keyspaces[settings.keyspace].tables
     for statement in schema_statements(SCHEMA.read_text()):
-        session.execute(statement)
+        if table_name(statement) not in tables:
+            session.execute(statement)
+
+
+def table_name(statement: str) -> str:
+    """The table a `CREATE TABLE IF NOT EXISTS name (...)` statement makes."""
+    return re.match(r"CREATE TABLE IF NOT EXISTS (\w+)", statement, re.IGNORECASE).group(1)
 
 
 def describe(error: BaseException) -> str:
@@ -95,7 +126,15 @@ def describe(error: BaseException) -> str:
         reasons = "; ".join(f"{host}: {reason}" for host, reason in error.errors.items())
         first = error.args[0] if error.args else "no host available"
         return f"{first} ({reasons})" if reasons else first
-    return " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, Unauthorized):  # the server's own sentence names the role, the permission and the table
+        said = re.search(r'message="(.*)"', text)
+        return f"not permitted: {said.group(1) if said else text}"
+    # The driver raises its own message for a metadata service it cannot reach (Astra); the reason is the
+    # exception it replaced (refused, timed out, a certificate refused).
+    if isinstance(error, DriverException) and error.__context__ is not None and "metadata service" in text:
+        return f"{text.rstrip()} ({describe(error.__context__)})"
+    return text
 
 
 @contextmanager
@@ -103,13 +142,19 @@ def connect(settings: CassandraSettings, create_schema: bool = True) -> Iterator
     """A session on the settings' keyspace; driver errors become DatabaseError. With create_schema the keyspace
     (local node) and any missing table are created first. Serving reads without it, so its credentials (an
     Astra token with a read-only role) need no permission to change the schema."""
-    cluster = Cluster(**cluster_kwargs(settings))
+    try:
+        # With a bundle, the driver reads it and asks Astra's metadata service for the nodes right here.
+        cluster = Cluster(**cluster_kwargs(settings))
+    except (*DRIVER_ERRORS, ValueError, OSError) as error:
+        raise DatabaseError(f"cannot connect to Cassandra at {settings.where()}: {describe(error)}") from None
     try:
         try:
             session = cluster.connect()
-        except DRIVER_ERRORS as error:
-            hint = "" if settings.astra else " (start a local node with scripts/cassandra.sh up, or set CASSANDRA_HOSTS and CASSANDRA_PORT)"
-            raise DatabaseError(f"cannot connect to Cassandra at {settings.where()}: {describe(error)}{hint}") from None
+        except (*DRIVER_ERRORS, OSError) as error:  # OSError: a TLS handshake the node broke off
+            reason = describe(error)
+            refused = not settings.astra and "refused" in reason.lower()
+            hint = " (start a local node with scripts/cassandra.sh up, or set CASSANDRA_HOSTS and CASSANDRA_PORT)" if refused else ""
+            raise DatabaseError(f"cannot connect to Cassandra at {settings.where()}: {reason}{hint}") from None
         try:
             if create_schema:
                 apply_schema(session, settings)

@@ -8,14 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training import db
-from training.config import SettingsError, cassandra_settings
-from training.registry import ModelVersion, Registry, RegistryError, read_metrics
-
-SETTINGS_HELP = (
-    "The registry lives in the keyspace CASSANDRA_KEYSPACE (mnist) at CASSANDRA_HOSTS:CASSANDRA_PORT "
-    "(127.0.0.1:9042), or on Astra DB with ASTRA_DB_SECURE_BUNDLE plus ASTRA_DB_TOKEN or ASTRA_DB_TOKEN_FILE."
-)
+from registry import db
+from registry.settings import SETTINGS_HELP, SettingsError, cassandra_settings
+from registry.store import ModelVersion, Registry, RegistryError, read_metrics
 
 
 def size_text(size: int) -> str:
@@ -94,6 +89,9 @@ def delete(registry: Registry, args: argparse.Namespace) -> None:
     print(f"deleted version {args.version}{also}")
 
 
+WRITERS = (publish, promote, delete)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mnist-registry", description=__doc__, epilog=SETTINGS_HELP)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def attempt() -> None:
-        with db.connect(cassandra_settings()) as session:
+        # Only the commands that write create missing tables: list, show and download work with a read-only role.
+        with db.connect(cassandra_settings(), create_schema=args.run in WRITERS) as session:
             args.run(Registry(session), args)
 
     try:

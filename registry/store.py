@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from cassandra.cluster import Session
 
-from training import db
+from registry import db
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below Cassandra's cell-size guidance and the 16 MiB mutation limit
 WRITE_WINDOW = 4  # chunks in flight while publishing: 4 MiB of memory
@@ -75,6 +75,7 @@ class ModelVersion:
     aliases: list[str] = field(default_factory=list)
 
 
+TABLES = ("model_versions", "archive_chunks", "model_aliases")
 COLUMNS = (
     "version", "created_at", "archive_name", "size", "sha256", "chunk_size", "chunk_count", "upload",
     "test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version", "metrics",
@@ -158,6 +159,11 @@ class Registry:
     """Versions, their chunks and aliases in the tables of schema.cql."""
 
     def __init__(self, session: Session, chunk_size: int = CHUNK_SIZE):
+        tables = session.cluster.metadata.keyspaces[session.keyspace].tables
+        missing = [table for table in TABLES if table not in tables]
+        if missing:  # a read-only role made no tables: say so instead of the driver's "table ... does not exist"
+            raise RegistryError(f"keyspace {session.keyspace} holds no model registry (no {missing[0]} table); "
+                                "publish a version into it first (mnist-registry publish)")
         self.session = session
         self.chunk_size = chunk_size
         prepare = session.prepare
