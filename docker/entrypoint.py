@@ -46,7 +46,7 @@ from typing import Mapping
 APP = Path(__file__).resolve().parent.parent  # the repository, or /opt/mnist-serve in the image
 sys.path.insert(0, str(APP))  # registry/ and handler/, however this file is started
 
-from handler.server import LOG_CONFIG, MODEL_NAME, PROBE, log_tail  # noqa: E402 (needs the path above)
+from handler.server import LOG_CONFIG, MODEL_NAME, PROBE, log_tail, run_properties, served_model  # noqa: E402 (needs the path above)
 
 SOURCES = ("registry", "image")
 ARCHIVE_FILE = f"{MODEL_NAME}.mar"  # the name in the model store, whatever the registry called it
@@ -127,8 +127,9 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
 
 # --- the archive ----------------------------------------------------------------------------------
 
-def fetch_from_registry(settings: Settings) -> tuple[Path, str]:
-    """Download MODEL_VERSION into the model store; the registry checks every chunk and the whole sha256."""
+def fetch_from_registry(settings: Settings) -> tuple[Path, str, str]:
+    """Download MODEL_VERSION into the model store; the registry checks every chunk and the whole sha256.
+    Returns the archive, where it came from (for the log) and the registry version."""
     from registry import db
     from registry.settings import SettingsError, cassandra_settings
     from registry.store import Registry, RegistryError
@@ -148,11 +149,11 @@ def fetch_from_registry(settings: Settings) -> tuple[Path, str]:
     if path != target:
         path.replace(target)
     named = f" ({settings.version})" if settings.version != version.version else ""
-    return target, f"registry version {version.version}{named}, sha256 {version.sha256[:12]} checked"
+    return target, f"registry version {version.version}{named}, sha256 {version.sha256[:12]} checked", version.version
 
 
-def fetch_from_image(settings: Settings) -> tuple[Path, str]:
-    """Copy the archive built into the image into the (writable) model store."""
+def fetch_from_image(settings: Settings) -> tuple[Path, str, None]:
+    """Copy the archive built into the image into the (writable) model store; its version is its own."""
     if not settings.archive.is_file():
         raise StartupError(
             f"MODEL_SOURCE=image but {settings.archive} does not exist: this image was built without a model "
@@ -162,7 +163,7 @@ def fetch_from_image(settings: Settings) -> tuple[Path, str]:
     staging = target.with_name(f".{ARCHIVE_FILE}.copy")
     shutil.copyfile(settings.archive, staging)
     staging.replace(target)
-    return target, f"built into the image ({settings.archive})"
+    return target, f"built into the image ({settings.archive})", None
 
 
 def check_archive(path: Path) -> str:
@@ -201,12 +202,13 @@ def properties(text: str) -> dict[str, str]:
 
 
 def run_config(settings: Settings) -> tuple[str, dict[str, str]]:
-    """The config TorchServe runs with: the given file plus number_of_gpu. Refuses a management API off loopback."""
+    """The config TorchServe runs with: the given file plus number_of_gpu and the metrics. Refuses a management API off loopback."""
     try:
         text = settings.config.read_text()
     except OSError as error:
         raise StartupError(f"TORCHSERVE_CONFIG={settings.config}: cannot read it ({error.strerror})") from None
     text += f"\n# Added by docker/entrypoint.py from NUMBER_OF_GPU (TorchServe uses at most the GPUs it finds).\nnumber_of_gpu={settings.gpus}\n"
+    text = run_properties(text)
     props = properties(text)
     management = props.get("management_address", "http://127.0.0.1:8081")
     host = re.sub(r"^https?://", "", management).rsplit(":", 1)[0]
@@ -238,9 +240,10 @@ def java_command(props: dict[str, str], config: Path, settings: Settings) -> lis
     ]
 
 
-def java_environment(settings: Settings) -> dict[str, str]:
+def java_environment(settings: Settings, served: dict[str, str]) -> dict[str, str]:
     return {
         **os.environ,
+        **served,  # which model this is, for the handler's answers, headers and metric
         "LOG_LOCATION": str(settings.log_dir),  # handler/log4j2.xml writes its files there
         "METRICS_LOCATION": str(settings.log_dir),
         "TEMP": str(settings.tmp_dir),
@@ -329,14 +332,37 @@ def answers(port: int, path: str, body: bytes | None = None) -> tuple[int, bytes
         return 0, b""
 
 
+LOAD_FAILURES = 3  # workers that failed to load the model before the start is given up
+
+
+def load_failures(log_dir: Path) -> tuple[int, str]:
+    """How often a worker failed to load the model so far, and the last reason (from TorchServe's model log).
+    TorchServe itself restarts such a worker forever, with a growing pause."""
+    try:
+        text = (log_dir / "model_log.log").read_text(errors="replace")
+    except OSError:
+        return 0, ""
+    failures = re.findall(r"Failed to load model \S+, exception (.*)|(Backend worker process died\.)", text)
+    if not failures:
+        return 0, ""
+    # A worker that died logs its traceback after the line; its last "SomethingError: ..." line says why.
+    errors = re.findall(r"MODEL_LOG - (\w+(?:Error|Exception): .*)$", text, re.MULTILINE)
+    reason = failures[-1][0] or (errors[-1] if errors else "the worker process died")
+    return len(failures), " ".join(reason.split())[:300]
+
+
 def wait_until_ready(supervisor: Supervisor, port: int) -> bool:
     """Until the model answers a prediction (True), TorchServe exits or is told to stop (False).
 
     /ping alone is not enough: TorchServe reports Healthy when every *registered* model has its workers,
-    so a model that failed to register leaves a server that pings Healthy and answers 404."""
+    so a model that failed to register leaves a server that pings Healthy and answers 404. A model its
+    workers cannot load is given up after LOAD_FAILURES tries, not after READY_TIMEOUT."""
     settings = supervisor.settings
     deadline = time.monotonic() + settings.ready_timeout
     while supervisor.reap() is None and not supervisor.stop_requested:
+        failures, reason = load_failures(settings.log_dir)
+        if failures >= LOAD_FAILURES:
+            raise StartupError(f"the model does not load: {failures} workers failed to load {ARCHIVE_FILE}: {reason}")
         status, _ = answers(port, "/ping")
         if status == 200:
             status, body = answers(port, f"/predictions/{MODEL_NAME}", PROBE)
@@ -409,14 +435,14 @@ def main() -> int:
         settings.ready_file.unlink(missing_ok=True)
         wanted = f"{settings.version} from the registry" if settings.source == "registry" else f"from {settings.archive}"
         print(f"entrypoint: getting model {wanted}", file=sys.stderr, flush=True)
-        archive, origin = (fetch_from_registry if settings.source == "registry" else fetch_from_image)(settings)
+        archive, origin, registry_version = (fetch_from_registry if settings.source == "registry" else fetch_from_image)(settings)
         model_version = check_archive(archive)
         text, props = run_config(settings)
         config = settings.tmp_dir / "config.properties"
         config.write_text(text)
         port = int(props["inference_address"].rsplit(":", 1)[1])
         supervisor = Supervisor(settings)
-        supervisor.start(java_command(props, config, settings), java_environment(settings))
+        supervisor.start(java_command(props, config, settings), java_environment(settings, served_model(archive, registry_version)))
         print(f"entrypoint: TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
               f"number_of_gpu={settings.gpus}", file=sys.stderr, flush=True)
         if wait_until_ready(supervisor, port):

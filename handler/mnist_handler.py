@@ -24,6 +24,10 @@ DIGITS = tuple(str(digit) for digit in range(CLASS_COUNT))
 JSON = "application/json"
 # Set to 1 in the server's environment to keep TorchServe's per-batch log lines (see quiet_batch_logs).
 BATCH_LOG_ENV = "MNIST_SERVE_BATCH_LOG"
+# Which model this is, set in the server's environment (TorchServe hands it to the workers) by whoever starts
+# it: docker/entrypoint.py (the registry version) and handler/server.py (handler.server.served_model).
+VERSION_ENV, SHA256_ENV = "SERVED_MODEL_VERSION", "SERVED_MODEL_SHA256"
+SHA256_SHOWN = 12  # hex digits of the archive's sha256 in answers, headers and the metric
 
 
 class MnistHandler(BaseHandler):
@@ -55,8 +59,10 @@ class MnistHandler(BaseHandler):
         self.limits = limits_from(settings)
         if settings.get("warmup", True):
             self.warm_up(int(properties.get("batch_size") or 1))
+        self.served = served_model(os.environ, self.manifest)
         self.initialized = True
-        logger.info("loaded %s on %s, limits %s", self.model_pt_path, self.device, self.limits)
+        logger.info("loaded %s on %s, limits %s, model version %s", self.model_pt_path, self.device, self.limits, self.served["version"])
+        report_served(context, self.served)  # before quiet_batch_logs, which silences the metrics logger
         if os.environ.get(BATCH_LOG_ENV) != "1":
             quiet_batch_logs()
 
@@ -98,11 +104,14 @@ class MnistHandler(BaseHandler):
         first = 0
         for index, outcome in enumerate(batch.outcomes):
             self.context.set_response_content_type(index, JSON)
+            for header, value in served_headers(self.served).items():
+                self.context.set_response_header(index, header, value)
             if isinstance(outcome, DecodedRequest):
                 rows = probabilities[first : first + len(outcome.images)]
                 first += len(outcome.images)
                 predictions = [answer(row, self.class_names) for row in rows]
                 body = {"predictions": predictions} if outcome.instances else predictions[0]
+                body["model"] = self.served
                 # TorchServe sends an empty reason phrase ("HTTP/1.1 200 ") unless told one.
                 self.context.set_response_status(200, "OK", idx=index)
             else:
@@ -110,6 +119,33 @@ class MnistHandler(BaseHandler):
                 self.context.set_response_status(status, reason, idx=index)
             answers.append(json.dumps(body))
         return answers
+
+
+def served_model(environ: Mapping[str, str], manifest: Mapping[str, Any]) -> dict[str, str]:
+    """{"version": ..., "sha256": first hex digits}: the registry version and archive checksum the server was
+    started with; without them (someone else's TorchServe), the archive's own version and no checksum."""
+    version = environ.get(VERSION_ENV) or manifest.get("model", {}).get("modelVersion") or "unknown"
+    digest = environ.get(SHA256_ENV, "")[:SHA256_SHOWN]
+    return {"version": version, "sha256": digest} if digest else {"version": version}
+
+
+def served_headers(served: Mapping[str, str]) -> dict[str, str]:
+    """The model's version (and checksum) as response headers, for clients and proxies that do not read bodies."""
+    headers = {"X-Model-Version": served["version"]}
+    if served.get("sha256"):
+        headers["X-Model-Sha256"] = served["sha256"]
+    return headers
+
+
+def report_served(context, served: Mapping[str, str]) -> None:
+    """ModelServed{ModelVersion, ModelSha256, ModelName, Level, Hostname} = 1 on the metrics port (declared in
+    handler/metrics.yaml), once per worker start: the version as a Prometheus label, joinable with the
+    frontend's request counters by pod (`... * on(pod) group_left(ModelVersion) ModelServed`)."""
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    dimensions = [Dimension("ModelVersion", served["version"]), Dimension("ModelSha256", served.get("sha256") or "-")]
+    context.metrics.add_metric("ModelServed", 1, "count", dimensions=dimensions, metric_type=MetricTypes.GAUGE)
 
 
 def quiet_batch_logs() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -23,6 +25,7 @@ import psutil
 HANDLER_DIR = Path(__file__).resolve().parent
 CONFIG = HANDLER_DIR / "config.properties"
 LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per request
+METRICS_CONFIG = HANDLER_DIR / "metrics.yaml"  # what /metrics serves, the handler's ModelServed among it
 MODEL_NAME = "mnist"
 READY_TIMEOUT_S = 180.0  # JVM start, two workers importing torch and warming up; minutes on a busy machine
 STOP_TIMEOUT_S = 30.0
@@ -52,6 +55,21 @@ class Ports:
             for sock in sockets:  # all bound at once, so the kernel hands out distinct ports
                 sock.bind(("127.0.0.1", 0))
             return cls(*(sock.getsockname()[1] for sock in sockets))
+
+
+def served_model(archive: Path, version: str | None = None) -> dict[str, str]:
+    """The environment that tells the handler which model it serves (mnist_handler.VERSION_ENV, SHA256_ENV):
+    VERSION (the registry's; default the archive's own modelVersion) and the archive's sha256."""
+    if version is None:
+        with zipfile.ZipFile(archive) as mar:
+            version = json.loads(mar.read("MAR-INF/MANIFEST.json")).get("model", {}).get("modelVersion") or "unknown"
+    return {"SERVED_MODEL_VERSION": version, "SERVED_MODEL_SHA256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+
+
+def run_properties(text: str) -> str:
+    """config.properties as TorchServe runs it here: with the project's metrics (an absolute path, so the one file
+    serves the checkout and the image)."""
+    return f"{text.rstrip()}\n# Added by the launcher: the metrics /metrics serves.\nmetrics_config={METRICS_CONFIG}\n"
 
 
 def config_with_ports(ports: Ports, base: Path = CONFIG) -> str:
@@ -147,14 +165,14 @@ def start_torchserve(
     # Short, under /tmp: a Unix socket path must stay under 108 bytes.
     run_dir = Path(tempfile.mkdtemp(prefix="torchserve-"))
     try:
-        if ports != Ports():
-            text = config_with_ports(ports, config)
-            config = run_dir / "config.properties"
-            config.write_text(text)
+        text = config_with_ports(ports, config) if ports != Ports() else config.read_text()
+        config = run_dir / "config.properties"
+        config.write_text(run_properties(text))
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
-                launch_command(archive, config), cwd=run_dir, env={**launch_environment(log_dir, run_dir), **(environment or {})},
+                launch_command(archive, config), cwd=run_dir,
+                env={**launch_environment(log_dir, run_dir), **served_model(archive), **(environment or {})},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,

@@ -281,6 +281,84 @@ echo "under load through the Service, 2 connections: $upgrades  (target: 0 faile
 read -r failed dropped < <("$PY" -c 'import json, sys; s = json.loads(sys.argv[1]); print(s["failed"], s["dropped"])' "$upgrades")
 ((failed == 0 && dropped == 0)) || fail "requests failed during the upgrades: $upgrades"
 
+phase "release cycle: the rollout's own account"
+# What a CI job or an in-cluster runner would have: the chart's rollout ServiceAccount and Role, nothing more.
+upgrade "the chart's rollout RBAC" "${registry[@]}" --set model.version=2 \
+  --set torchserve.extraProperties.default_response_timeout=60 --set rollout.rbac.create=true
+"$KUBECTL" auth can-i patch "deployment/$RELEASE" --namespace "$NAMESPACE" --as "system:serviceaccount:$NAMESPACE:$RELEASE-rollout" >/dev/null \
+  || fail "the rollout account may not patch deployment/$RELEASE"
+if "$KUBECTL" auth can-i patch "deployment/$RELEASE" --namespace "$NAMESPACE" --as "system:serviceaccount:$NAMESPACE:$RELEASE" >/dev/null; then
+  fail "the serving pods' own account may patch deployment/$RELEASE"
+fi
+# A kubeconfig with the account's token, written by the shell itself (no command line ever holds the token).
+token="$(k create token "$RELEASE-rollout" --duration 1h)"
+server="$("$KUBECTL" config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+authority="$("$KUBECTL" config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')"
+cat >"$work/rollout.kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters: [{name: kind, cluster: {server: "$server", certificate-authority-data: "$authority"}}]
+users: [{name: rollout, user: {token: "$token"}}]
+contexts: [{name: rollout, context: {cluster: kind, user: rollout, namespace: $NAMESPACE}}]
+current-context: rollout
+KUBECONFIG
+unset token
+echo "ok: $RELEASE-rollout may patch deployment/$RELEASE; the serving pods' account ($RELEASE) may not"
+# mnist-registry as the rollout job runs it: the registry's keyspace, the cluster as the rollout account.
+registry_as_rollout() { CASSANDRA_KEYSPACE=$KEYSPACE KUBECONFIG="$work/rollout.kubeconfig" "$ROOT/.venv/bin/mnist-registry" "$@"; }
+pinned() { k get "deployment/$1" -o jsonpath='{.spec.template.spec.containers[0].env[?(@.name=="MODEL_VERSION")].value}'; }
+summary_field() { "$PY" -c 'import json, sys; s = json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, s))' "$1" "$2"; }
+
+phase "roll out: production -> 1, then -> 2 under load (mnist-registry promote --rollout)"
+start_load load-rollout
+for version in 1 2; do
+  began=$SECONDS
+  registry_as_rollout promote "$version" --alias production --rollout "deployment/$RELEASE" --timeout 300
+  echo "  rolled out version $version in $((SECONDS - began)) s"
+done
+rolled="$(stop_load load-rollout)"
+echo "rollouts under load through the Service: $rolled  (target: every answer from version 1 or 2, 0 failed, 0 dropped)"
+[[ "$(summary_field "$rolled" 'failed + dropped')" == 0 ]] || fail "requests failed during the rollouts: $rolled"
+[[ "$(summary_field "$rolled" '" ".join(sorted(versions))')" == "1 2" ]] || fail "the answers did not come from versions 1 and 2: $rolled"
+[[ "$(pinned "$RELEASE")" == 2 ]] || fail "deployment/$RELEASE is pinned to $(pinned "$RELEASE"), not 2"
+
+phase "roll out a version that does not load: rolled back"
+# The archive with its model.pt replaced by bytes that are no model: a valid zip, refused by torch.jit.load.
+"$PY" -c 'import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as good, zipfile.ZipFile(sys.argv[2], "w") as bad:
+    for item in good.infolist():
+        bad.writestr(item, b"not a TorchScript model" if item.filename == "model.pt" else good.read(item))' "$MODEL_ARCHIVE" "$work/no-model.mar"
+CASSANDRA_KEYSPACE=$KEYSPACE "$ROOT/.venv/bin/mnist-registry" publish "$work/no-model.mar" --metrics "$METRICS" --version 3
+start_load load-bad
+began=$SECONDS
+if registry_as_rollout promote 3 --alias production --rollout "deployment/$RELEASE" --timeout 300 >"$work/bad-rollout.log" 2>&1; then
+  cat "$work/bad-rollout.log"
+  fail "the rollout of a version that does not load succeeded"
+fi
+cat "$work/bad-rollout.log"
+bad_run="$(stop_load load-bad)"
+echo "rolled back in $((SECONDS - began)) s; meanwhile through the Service: $bad_run  (target: 0 failed, 0 dropped)"
+grep -q "^error: version 3 failed (.*does not load.*); rolled back: deployment/$RELEASE in $NAMESPACE and alias production are on version 2 again$" \
+  "$work/bad-rollout.log" || fail "the failed rollout did not end with its one-line reason"
+[[ "$(pinned "$RELEASE")" == 2 ]] || fail "deployment/$RELEASE is pinned to $(pinned "$RELEASE") after the rollback, not 2"
+CASSANDRA_KEYSPACE=$KEYSPACE "$ROOT/.venv/bin/mnist-registry" show production | grep -qE '^version: +2$' || fail "production is not back on version 2"
+
+phase "canary: version 1 beside 2, then abort (mnist-registry canary)"
+start_load load-canary
+registry_as_rollout canary start 1 --deployment "deployment/$RELEASE" --replicas 1 --timeout 300
+sleep 20
+registry_as_rollout canary status --deployment "deployment/$RELEASE"
+canary_run="$(stop_load load-canary)"
+echo "with the canary, through the Service: $canary_run  (1 pod of 3: about a third from version 1)"
+[[ "$(summary_field "$canary_run" '" ".join(sorted(versions))')" == "1 2" ]] || fail "the answers did not come from versions 1 and 2: $canary_run"
+[[ "$(summary_field "$canary_run" '0.1 <= versions["1"] / sum(versions.values()) <= 0.6')" == True ]] \
+  || fail "the canary's share of the answers is far from its third of the pods: $canary_run"
+[[ "$(summary_field "$canary_run" 'failed + dropped')" == 0 ]] || fail "requests failed with the canary: $canary_run"
+registry_as_rollout canary abort --deployment "deployment/$RELEASE"
+left="$(k get pods -l "$SERVERS" -o jsonpath='{range .items[*]}{.spec.containers[0].env[?(@.name=="MODEL_VERSION")].value} {end}')"
+[[ "$left" == "2 2 " ]] || fail "after the abort the serving pods are on versions '$left', not 2 and 2"
+echo "ok: after the abort only version 2 serves ($left)"
+
 phase "a serving container killed"
 start_load load-kill
 pod="$(k get pods -l "$SERVERS" -o jsonpath='{.items[0].metadata.name}')"

@@ -1,4 +1,5 @@
-"""mnist-registry: publish, list, show, download, promote and delete model archives in Cassandra."""
+"""mnist-registry: publish, list, show, download, promote and delete model archives in Cassandra; roll a
+Kubernetes Deployment to a version (promote --rollout) and run canaries (canary)."""
 from __future__ import annotations
 
 import argparse
@@ -78,9 +79,59 @@ def download(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def promote(registry: Registry, args: argparse.Namespace) -> None:
+    if args.rollout:
+        from registry import rollout
+
+        version = rollout.promote(registry, args.version, args.alias, place(args), args.timeout, say)
+        print(f"{args.alias} -> version {version.version}, served by every pod of {place(args)}")
+        return
     version, previous = registry.promote(args.version, args.alias)
     moved = f" (was {previous})" if previous and previous != version.version else ""
     print(f"{args.alias} -> version {version.version}{moved}")
+
+
+def canary(registry: Registry | None, args: argparse.Namespace) -> None:
+    from registry import rollout
+
+    if args.action == "start":
+        rollout.canary_start(registry, args.version, place(args), args.replicas, args.timeout, say)
+    elif args.action == "promote":
+        version = rollout.canary_promote(registry, args.alias, place(args), args.timeout, say)
+        print(f"{args.alias} -> version {version.version}, served by every pod of {place(args)}; the canary is removed")
+    elif args.action == "abort":
+        rollout.canary_abort(place(args), args.timeout, say)
+    else:
+        rollout.canary_status(place(args), say)
+
+
+def deployment_name(args: argparse.Namespace) -> str | None:
+    """NAME of --rollout / --deployment (deployment/NAME or NAME); None without one."""
+    given = args.rollout if args.command == "promote" else getattr(args, "deployment", None)
+    if not given:
+        return None
+    kind, _, name = given.rpartition("/")
+    if kind not in ("", "deployment", "deploy", "deployments") or not name:
+        raise RegistryError(f"{given}: only a Deployment can be rolled out (deployment/NAME)")
+    return name
+
+
+def place(args: argparse.Namespace):
+    """The Deployment of --rollout / --deployment in --namespace."""
+    from registry import rollout
+
+    return rollout.Place(deployment_name(args), args.namespace or rollout.default_namespace())
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What the command line alone can tell, before a database or a cluster is reached."""
+    if args.command in ("promote", "canary"):
+        deployment_name(args)
+    if args.command == "canary" and args.action == "start" and not args.version:
+        raise RegistryError("canary start needs the VERSION to try")
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
 
 
 def delete(registry: Registry, args: argparse.Namespace) -> None:
@@ -89,7 +140,7 @@ def delete(registry: Registry, args: argparse.Namespace) -> None:
     print(f"deleted version {args.version}{also}")
 
 
-WRITERS = (publish, promote, delete)
+WRITERS = (publish, promote, delete, canary)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,9 +177,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-seconds", type=float, default=30.0, metavar="S",
                    help="while the database cannot be reached (a node restarting), try again for up to S seconds (default: 30; 0: once)")
 
-    p = command("promote", promote, "point an alias (e.g. production) at a version", "Point an alias at a version; download and predict-table accept the alias.")
+    p = command(
+        "promote", promote, "point an alias (e.g. production) at a version, and roll a Deployment to it",
+        "Point an alias at a version; download and predict-table accept the alias. With --rollout, also pin the "
+        "Deployment's pods to that version, follow the rollout a line per pod, and check every new pod with real test "
+        "digits (the answers must name the version; accuracy at least the version's test accuracy less 2 points). "
+        "A pod that fails, the deadline or a failed check puts the Deployment and the alias back on the version served "
+        "before and exits 1 with one line saying why.",
+    )
     p.add_argument("version", metavar="VERSION|ALIAS")
     p.add_argument("--alias", default="production", help="alias name (default: production)")
+    add_cluster_options(p, "--rollout", "deployment/NAME: also roll this Deployment of the chart to the version")
+
+    p = command(
+        "canary", canary, "run a version beside a Deployment on a share of the traffic, then promote or abort it",
+        "start VERSION: a second Deployment, NAME-canary, with REPLICAS pods of VERSION behind the same Service (checked "
+        "like a rollout; the traffic splits by pod count). status: per version, its pods and the requests they answered "
+        "(each pod's Prometheus counter). promote: roll NAME to the canary's version (as promote --rollout), then remove "
+        "the canary. abort: remove the canary.",
+    )
+    p.add_argument("action", choices=("start", "status", "promote", "abort"))
+    p.add_argument("version", nargs="?", metavar="VERSION|ALIAS", help="with start: the version to try")
+    p.add_argument("--alias", default="production", help="with promote: the alias to move (default: production)")
+    p.add_argument("--replicas", type=int, default=1, help="with start: canary pods (default: 1)")
+    add_cluster_options(p, "--deployment", "deployment/NAME of the chart (the stable one)", required=True)
 
     p = command(
         "delete", delete, "remove a version and its chunks",
@@ -139,15 +211,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def add_cluster_options(p: argparse.ArgumentParser, flag: str, help: str, required: bool = False) -> None:
+    p.add_argument(flag, metavar="deployment/NAME", required=required, help=help)
+    p.add_argument("-n", "--namespace", help="its namespace (default: the kubeconfig context's, or the pod's own)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="seconds for the new pods to be ready (default: 600; a pod that fails ends it sooner)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def attempt() -> None:
+        if args.run is canary and args.action in ("status", "abort"):
+            args.run(None, args)  # the cluster only
+            return
         # Only the commands that write create missing tables: list, show and download work with a read-only role.
         with db.connect(cassandra_settings(), create_schema=args.run in WRITERS) as session:
             args.run(Registry(session), args)
 
     try:
+        check_arguments(args)
         # Only download is retried: it writes through a temporary file, so a repeat is harmless.
         db.retrying(attempt, getattr(args, "retry_seconds", 0), lambda line: print(f"mnist-registry: {line}", file=sys.stderr))
     except (RegistryError, db.DatabaseError, SettingsError) as error:

@@ -342,6 +342,10 @@ class Registry:
         self.session.execute(self.insert_alias, (alias, version.version, datetime.now(timezone.utc)))
         return version, previous[0] if previous else None
 
+    def drop_alias(self, alias: str) -> None:
+        """Remove an alias (a rollout undoing the promote of an alias that did not exist before)."""
+        self.session.execute(self.delete_alias, (alias,))
+
     def delete(self, name: str, force: bool = False) -> list[str]:
         """Remove a version and its chunks. Refused while an alias points at it, unless `force`, which
         removes those aliases too (an alias never points at nothing). Returns the aliases removed."""

@@ -3,7 +3,7 @@
 # checkout, because this machine reaches package registries only (no release
 # downloads, no Docker). A tool whose stamp matches its pinned version is skipped.
 #
-#   scripts/install-k8s-tools.sh [helm|kwok|kube|etcd|kube-node|kind|coredns|kube-router ...]
+#   scripts/install-k8s-tools.sh [helm|kwok|kube|etcd|kube-node|kind|coredns|kube-router|gateway-api-crds ...]
 #   (default: helm kwok etcd kube, what the kwok cluster needs; the rest are the kind node's)
 #
 # Binaries land in ${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}/bin.
@@ -39,9 +39,15 @@ have() { # have TOOL VERSION BINARY...: the stamp matches and every binary exist
 }
 
 gomod_of() { # gomod_of MODULE@VERSION: path of that module's go.mod in the module cache
+  download_field GoMod "$1"
+}
+moddir_of() { # moddir_of MODULE@VERSION: the folder of that module's files in the module cache
+  download_field Dir "$1"
+}
+download_field() { # download_field FIELD MODULE@VERSION
   local json
-  json="$(go mod download -json "$1")" || { echo "$json" >&2; return 1; }
-  sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p' <<<"$json"
+  json="$(go mod download -json "$2")" || { echo "$json" >&2; return 1; }
+  sed -n "s/^\\s*\"$1\": \"\\(.*\\)\",\\?$/\\1/p" <<<"$json"
 }
 
 # Each tool is built from exactly its pinned module version, never a newer release go chose on its
@@ -183,6 +189,16 @@ install_etcd() {
   check_version "${ETCD_VERSION#v}" "$BIN/etcd" --version
 }
 
+install_gateway_api() {
+  # Not a program: the Gateway API's standard CRDs (HTTPRoute and the rest) from its module, for the chart's
+  # HTTPRoute to be validated by a real API server (tests/test_chart_cluster.py).
+  local dir
+  dir="$(moddir_of "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION")"
+  rm -rf "$BIN/gateway-api-crds" && mkdir -p "$BIN/gateway-api-crds"
+  cp "$dir"/config/crd/standard/*.yaml "$BIN/gateway-api-crds/"
+  chmod -R u+w "$BIN/gateway-api-crds"
+}
+
 install() { # install TOOL VERSION BINARY...
   local tool=$1 version=$2 start=$SECONDS
   shift 2
@@ -219,7 +235,8 @@ for t in "${tools[@]}"; do
     kind) install kind "$KIND_VERSION" kind ;;
     coredns) install coredns "$COREDNS_VERSION" coredns ;;
     kube-router) install kube_router "$KUBE_ROUTER_VERSION" kube-router ;;
-    *) echo "unknown tool '$t' (want: helm kwok kube etcd kube-node kind coredns kube-router)" >&2; exit 2 ;;
+    gateway-api-crds) install gateway_api "$GATEWAY_API_VERSION" gateway-api-crds ;;
+    *) echo "unknown tool '$t' (want: helm kwok kube etcd kube-node kind coredns kube-router gateway-api-crds)" >&2; exit 2 ;;
   esac
 done
 echo "tools in $BIN (total ${SECONDS}s)"

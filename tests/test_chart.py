@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "mnist-serve"
 KUBE_VERSION = "1.36.0"
 MANAGEMENT_PORT = 8081
-CRD_KINDS = {"ServiceMonitor"}  # the Prometheus operator's: no built-in schema to validate against
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}  # the Prometheus operator's, the Gateway API's: no built-in schema
 
 CASES = {
     "default": [],
@@ -86,7 +86,9 @@ def one(objects: list[dict], kind: str, component: str | None = None) -> dict:
 
 
 def server_pod(objects: list[dict]) -> dict:
-    return one(objects, "Deployment")["spec"]["template"]
+    """The stable Deployment's pod template (not the canary's)."""
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-canary")]
+    return deployment["spec"]["template"]
 
 
 def server_container(objects: list[dict]) -> dict:
@@ -345,6 +347,66 @@ def test_selectors_pick_the_serving_pods_only(case):
         assert all(key in o["metadata"]["labels"] for o in objects), key
 
 
+# --- the release cycle: canary, Gateway API route, rollout RBAC ------------------------------------------
+
+RELEASE_CYCLE = ["--set", "canary.enabled=true", "--set", "canary.version=1", "--set", "canary.replicas=1",
+                 "--set", "gatewayAPI.enabled=true", "--set", "gatewayAPI.parentRefs[0].name=public",
+                 "--set", "gatewayAPI.parentRefs[0].namespace=gateways", "--set", "rollout.rbac.create=true"]
+
+
+def by_name(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_the_canary_is_the_stable_pod_on_another_version_behind_the_same_service(helm):
+    objects = by_name(render(helm, *RELEASE_CYCLE))
+    stable, canary = objects[("Deployment", "mnist-serve")], objects[("Deployment", "mnist-serve-canary")]
+    assert canary["spec"]["replicas"] == 1 and stable["spec"]["replicas"] == 2
+    stable_pod, canary_pod = stable["spec"]["template"], canary["spec"]["template"]
+    assert stable_pod["metadata"]["labels"]["mnist-serve.io/track"] == "stable" and canary_pod["metadata"]["labels"]["mnist-serve.io/track"] == "canary"
+    versions = [{e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}["MODEL_VERSION"] for pod in (stable_pod, canary_pod)]
+    assert versions == ["production", "1"]
+    # Apart from the track and the version, the canary's pods are the stable ones.
+    for pod in (stable_pod, canary_pod):
+        del pod["metadata"]["labels"]["mnist-serve.io/track"]
+        pod["spec"]["containers"][0]["env"] = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] != "MODEL_VERSION"]
+    assert stable_pod == canary_pod
+    service = objects[("Service", "mnist-serve")]["spec"]["selector"]
+    assert service.items() <= canary_pod["metadata"]["labels"].items() and service.items() <= stable_pod["metadata"]["labels"].items()
+    assert canary["spec"]["selector"]["matchLabels"]["mnist-serve.io/track"] == "canary"
+    for obj in objects.values():
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def test_the_gateway_api_route_splits_by_weight_between_a_service_per_track(helm):
+    objects = by_name(render(helm, *RELEASE_CYCLE, "--set", "gatewayAPI.canaryWeight=25"))
+    route = objects[("HTTPRoute", "mnist-serve")]["spec"]
+    assert route["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
+    backends = route["rules"][0]["backendRefs"]
+    assert [(b["name"], b["port"], b["weight"]) for b in backends] == [("mnist-serve-stable", 8080, 75), ("mnist-serve-canary", 8080, 25)]
+    assert {m["path"]["value"] for m in route["rules"][0]["matches"]} == {"/predictions/mnist", "/ping"}  # never /metrics
+    for track in ("stable", "canary"):
+        assert objects[("Service", f"mnist-serve-{track}")]["spec"]["selector"]["mnist-serve.io/track"] == track
+    alone = by_name(render(helm, "--set", "gatewayAPI.enabled=true", "--set", "gatewayAPI.parentRefs[0].name=public"))
+    assert [(b["name"], b["weight"]) for b in alone[("HTTPRoute", "mnist-serve")]["spec"]["rules"][0]["backendRefs"]] == [("mnist-serve-stable", 100)]
+    assert ("Service", "mnist-serve-canary") not in alone and ("Deployment", "mnist-serve-canary") not in alone
+
+
+def test_the_rollout_role_allows_what_the_command_does_on_this_release_only(helm):
+    objects = by_name(render(helm, *RELEASE_CYCLE))
+    rules = objects[("Role", "mnist-serve-rollout")]["rules"]
+    assert {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["mnist-serve", "mnist-serve-canary"],
+            "verbs": ["get", "patch", "delete"]} in rules
+    assert not any(rule.get("verbs") == ["*"] or "*" in rule.get("resources", []) for rule in rules)
+    assert {r for rule in rules for r in rule["resources"]} == {"deployments", "replicasets", "pods", "pods/portforward"}
+    binding = objects[("RoleBinding", "mnist-serve-rollout")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mnist-serve-rollout", "namespace": "serving"}]
+    # The serving pods run as another account, bound to nothing.
+    assert server_pod(list(objects.values()))["spec"]["serviceAccountName"] == "mnist-serve"
+    assert ("Role", "mnist-serve-rollout") not in by_name(render(helm))
+
+
 def test_network_policy_admits_the_test_pod_when_callers_are_restricted(helm):
     policy = one(render(helm, *CASES["everything"]), "NetworkPolicy")["spec"]
     inference = next(rule for rule in policy["ingress"] if rule["ports"][0]["port"] == "http")
@@ -392,6 +454,9 @@ def test_a_numbered_model_version_is_served_as_that_version(helm):
     ("astra.enabled=true", "/astra/tokenSecret/name"),
     ("cassandra.auth.password=s3cret", "/cassandra/auth"),
     ("cassandra.tls.enabled=true", "/cassandra/tls/secretName"),
+    ("canary.enabled=true", "/canary/version"),
+    ("gatewayAPI.enabled=true", "/gatewayAPI/parentRefs"),
+    ("gatewayAPI.canaryWeight=101", "/gatewayAPI/canaryWeight"),
     ("torchserve.extraProperties.management_address=http://0.0.0.0:8081", "/torchserve/extraProperties/management_address"),
     ("torchserve.extraProperties.enable_model_api=true", "/torchserve/extraProperties/enable_model_api"),
     ("gpu.count=0", "/gpu/count"),

@@ -296,6 +296,52 @@ def test_every_rendered_object_passes_a_server_side_dry_run(helm, api, namespace
     assert left_in(api, namespace) == set()  # a dry run stores nothing
 
 
+@pytest.fixture(scope="module")
+def gateway_api(api) -> None:
+    """The Gateway API's standard CRDs (from its Go module, GATEWAY_API_VERSION), installed once and Established."""
+    done = subprocess.run([str(ROOT / "scripts" / "install-k8s-tools.sh"), "gateway-api-crds"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    extensions = client.ApiextensionsV1Api(api)
+    names = []
+    for path in sorted((cache_dir() / "bin" / "gateway-api-crds").glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if crd and crd["kind"] == "CustomResourceDefinition":
+                names.append(crd["metadata"]["name"])
+                try:
+                    extensions.create_custom_resource_definition(crd)
+                except ApiException as error:
+                    assert error.status == 409, error.body  # installed by an earlier run on this cluster
+    deadline = time.monotonic() + 60
+    while not all(any(c.type == "Established" and c.status == "True" for c in extensions.read_custom_resource_definition(name).status.conditions or [])
+                  for name in names):
+        assert time.monotonic() < deadline, "the Gateway API CRDs were not Established within 60 s"
+        time.sleep(1)
+
+
+def test_the_canary_the_gateway_api_route_and_the_rollout_rbac_pass_a_server_side_dry_run(helm, api, namespace, gateway_api):  # noqa: F811
+    done = subprocess.run([str(helm), "template", "dry", str(CHART), "--kube-version", KUBE_VERSION, "--set", "canary.enabled=true",
+                           "--set", "canary.version=1", "--set", "canary.replicas=1", "--set", "gatewayAPI.enabled=true",
+                           "--set", "gatewayAPI.parentRefs[0].name=public", "--set", "gatewayAPI.canaryWeight=25",
+                           "--set", "rollout.rbac.create=true"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    objects = [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+    for obj in objects:
+        try:
+            dry_run(api, namespace, obj)
+        except ApiException as error:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} refused: {error.body}")
+    kinds = [(obj["kind"], obj["metadata"]["name"]) for obj in objects]
+    assert {("HTTPRoute", "dry-mnist-serve"), ("Deployment", "dry-mnist-serve-canary"), ("Service", "dry-mnist-serve-stable"),
+            ("Service", "dry-mnist-serve-canary"), ("Role", "dry-mnist-serve-rollout"), ("RoleBinding", "dry-mnist-serve-rollout")} <= set(kinds)
+    route = next(obj for obj in objects if obj["kind"] == "HTTPRoute")
+    assert [ref["weight"] for ref in route["spec"]["rules"][0]["backendRefs"]] == [75, 25]
+    # The check can fail: the CRD's own schema refuses a weight over its maximum.
+    route["spec"]["rules"][0]["backendRefs"][0]["weight"] = 1_000_001
+    with pytest.raises(ApiException) as refused:
+        dry_run(api, namespace, route)
+    assert refused.value.status == 422 and "weight" in refused.value.body
+
+
 def test_the_dry_run_refuses_what_a_schema_cannot_see(helm, api, namespace):  # noqa: F811
     """The check above can fail: a GPU limit without the same request passes the OpenAPI schema, but not the
     API server's validation (extended resources cannot be overcommitted)."""

@@ -61,9 +61,13 @@ class RecordingMetrics:
 
     def __init__(self):
         self.times = []
+        self.metrics = []
 
     def add_time(self, name, value, idx=None, unit="ms"):
         self.times.append(name)
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=(), metric_type=None):
+        self.metrics.append((name, value, {d.name: d.value for d in dimensions}, metric_type.name))
 
 
 def model_dir(tmp_path: Path, model: torch.nn.Module) -> Path:
@@ -168,7 +172,7 @@ def test_a_png_gets_the_digit_its_confidence_and_all_ten_probabilities(tiny):
     handler, context = tiny
     [(status, result)] = served(handler, context, [{"body": bytearray(encoded(drawn_seven()))}])
     assert status == 200
-    assert set(result) == {"digit", "confidence", "probabilities"}
+    assert set(result) == {"digit", "confidence", "probabilities", "model"}
     probabilities = result["probabilities"]
     assert list(probabilities) == [str(digit) for digit in range(10)]
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
@@ -179,6 +183,34 @@ def test_a_png_gets_the_digit_its_confidence_and_all_ten_probabilities(tiny):
     assert result["digit"] == int(expected.argmax())
     assert result["confidence"] == pytest.approx(float(expected.max()), abs=1e-6)
     assert context.metrics.times == ["HandlerTime"]  # BaseHandle.handle ran its course
+
+
+def test_answers_and_headers_name_the_model_the_server_was_started_with(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVED_MODEL_VERSION", "7")
+    monkeypatch.setenv("SERVED_MODEL_SHA256", "0560663d9a3b" + "0" * 52)
+    handler, context = loaded(tmp_path, ColumnReader)
+    [(status, single), (_, several), (refused, error)] = served(
+        handler, context, [{"body": marked(4)}, {"body": {"instances": [marked(1), marked(2)]}}, {"body": b"seven"}])
+    served_model = {"version": "7", "sha256": "0560663d9a3b"}
+    assert single["model"] == served_model and several["model"] == served_model and "model" not in error
+    for index in range(3):
+        assert context.get_response_headers(index).items() >= {"X-Model-Version": "7", "X-Model-Sha256": "0560663d9a3b"}.items()
+    # Once per worker start, for Prometheus: the version and checksum as labels of a gauge.
+    assert context.metrics.metrics == [("ModelServed", 1, {"ModelVersion": "7", "ModelSha256": "0560663d9a3b"}, "GAUGE")]
+
+
+def test_without_those_settings_the_archives_own_version_is_named():
+    from handler.mnist_handler import served_headers, served_model
+
+    assert served_model({}, {"model": {"modelVersion": "a835d467e6c2"}}) == {"version": "a835d467e6c2"}
+    assert served_headers({"version": "a835d467e6c2"}) == {"X-Model-Version": "a835d467e6c2"}
+
+
+def test_the_launchers_and_the_handler_agree_on_the_settings_names(archive):
+    from handler import mnist_handler
+    from handler.server import served_model
+
+    assert set(served_model(archive, "3")) == {mnist_handler.VERSION_ENV, mnist_handler.SHA256_ENV}
 
 
 def test_answers_come_back_in_request_order(reader):

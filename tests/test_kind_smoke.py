@@ -67,3 +67,12 @@ def test_kind_smoke_test_passes(archive):
     assert figures["requests"] > 100 and figures["failed"] == 0 and figures["dropped"] == 0
     # Every pod after the upgrades serves registry version 2, its checksum checked.
     assert re.search(r"registry version 2, sha256 [0-9a-f]{12} checked", done.stdout)
+    # The release cycle: two rollouts under load lose nothing and every answer names version 1 or 2; a version
+    # that does not load is rolled back without a failed request; a canary of one pod in three gets a share.
+    rollouts = json.loads(re.search(r"^rollouts under load through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
+    assert rollouts["failed"] == rollouts["dropped"] == 0 and set(rollouts["versions"]) == {"1", "2"}
+    assert re.search(r"^error: version 3 failed \(pod \S+ failed: the model does not load: .*\); rolled back: ", done.stdout, re.MULTILINE)
+    rolled_back = json.loads(re.search(r"^rolled back in \d+ s; meanwhile through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
+    assert rolled_back["failed"] == rolled_back["dropped"] == 0 and set(rolled_back["versions"]) == {"2"}
+    canary = json.loads(re.search(r"^with the canary, through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
+    assert set(canary["versions"]) == {"1", "2"} and canary["failed"] == 0

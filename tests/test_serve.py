@@ -258,6 +258,29 @@ def test_metrics_port_serves_prometheus_text(server, known):
     assert counted and float(counted.group(1)) >= 1
 
 
+def test_every_answer_names_the_model_version_and_archive_checksum(server, known, archive):
+    """In the body, in the X-Model-Version and X-Model-Sha256 headers, and as labels of the ModelServed metric;
+    here the archive's own version (docker/entrypoint.py passes the registry's)."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(archive) as mar:
+        version = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+    served = {"version": version, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()[:12]}
+    images, labels = known
+    single = post(server.url(), encoded(images[0]))
+    several = post(server.url(), *as_json({"instances": [image.tolist() for image in images[:3]]}))
+    refused = post(server.url(), b"seven", "text/plain")
+    assert (single.answer["digit"], single.answer["model"]) == (labels[0], served)
+    assert [p["digit"] for p in several.answer["predictions"]] == labels[:3].tolist() and several.answer["model"] == served
+    for reply in (single, several, refused):
+        assert (reply.headers["X-Model-Version"], reply.headers["X-Model-Sha256"]) == (version, served["sha256"])
+    assert refused.status == 415 and "model" not in refused.answer  # an error names no prediction's model
+    _, _, text = get(server.url("/metrics", server.ports.metrics))
+    (labels_text,) = re.findall(r"^ModelServed\{(.*)\} 1\.0$", text, re.MULTILINE)
+    assert f'ModelVersion="{version}"' in labels_text and f'ModelSha256="{served["sha256"]}"' in labels_text
+
+
 def listening_addresses(server: Server, port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     addresses = set()
     for connection in server.frontend().net_connections("inet"):

@@ -2,10 +2,12 @@
 library only): posts a real MNIST digit to the Service from WORKERS connections, one request at a time
 each, until STOP_FILE appears or --max-seconds pass, counting every request. Then one JSON line:
 
-    {"requests": N, "answered": N, "failed": N, "dropped": N, "longest_gap_s": S, "errors": {...}}
+    {"requests": N, "answered": N, "failed": N, "dropped": N, "longest_gap_s": S, "versions": {...}, "errors": {...}}
 
 failed: an answer that is not 200 with the right digit; dropped: no answer at all (refused, reset, timed
-out); longest_gap_s: the longest time without a right answer, the first second of the run included.
+out); longest_gap_s: the longest time without a right answer, the first second of the run included;
+versions: right answers per model version that answered them (the answer's "model"). Each request is a
+connection of its own, so the Service spreads them over its pods as it spreads connections.
 
 With --bad-bodies instead: malformed bodies once each, which must get a 4xx with a reason, then the digit,
 which must get its right answer; exits 1 if any does not.
@@ -47,17 +49,20 @@ def main() -> None:
     lock = threading.Lock()
     counts = collections.Counter()
     errors = collections.Counter()
+    versions = collections.Counter()
     start = time.monotonic()
     state = {"last_right": start, "longest_gap": 0.0}
     done = threading.Event()
 
-    def record(outcome: str, error: str = "") -> None:
+    def record(outcome: str, error: str = "", version: str = "") -> None:
         now = time.monotonic()
         with lock:
             counts["requests"] += 1
             counts[outcome] += 1
             if error:
                 errors[error[:120]] += 1
+            if version:
+                versions[version] += 1
             if outcome == "answered":
                 state["longest_gap"] = max(state["longest_gap"], now - state["last_right"])
                 state["last_right"] = now
@@ -70,7 +75,7 @@ def main() -> None:
                 record("dropped", str(getattr(error, "reason", error)))
                 continue
             if status == 200 and answer.get("digit") == digit["label"]:
-                record("answered")
+                record("answered", version=str(answer.get("model", {}).get("version", "?")))
             else:
                 record("failed", f"HTTP {status}: {str(answer)[:80]}")
 
@@ -96,7 +101,8 @@ def main() -> None:
         summary = {
             "requests": counts["requests"], "answered": counts["answered"], "failed": counts["failed"],
             "dropped": counts["dropped"], "seconds": round(now - start, 1),
-            "longest_gap_s": round(max(state["longest_gap"], now - state["last_right"]), 2), "errors": dict(errors),
+            "longest_gap_s": round(max(state["longest_gap"], now - state["last_right"]), 2), "versions": dict(versions),
+            "errors": dict(errors),
         }
     print(json.dumps(summary), flush=True)
 
