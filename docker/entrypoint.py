@@ -342,13 +342,14 @@ def load_failures(log_dir: Path) -> tuple[int, str]:
         text = (log_dir / "model_log.log").read_text(errors="replace")
     except OSError:
         return 0, ""
-    failures = re.findall(r"Failed to load model \S+, exception (.*)|(Backend worker process died\.)", text)
-    if not failures:
-        return 0, ""
-    # A worker that died logs its traceback after the line; its last "SomethingError: ..." line says why.
+    # The worker logs the handler's exception, then dies ("Backend worker process died.", and a traceback whose
+    # last "SomethingError: ..." line says why when the first line is not there).
+    loading = re.findall(r"Failed to load model \S+, exception (.*)", text)
+    died = text.count("Backend worker process died.")
     errors = re.findall(r"MODEL_LOG - (\w+(?:Error|Exception): .*)$", text, re.MULTILINE)
-    reason = failures[-1][0] or (errors[-1] if errors else "the worker process died")
-    return len(failures), " ".join(reason.split())[:300]
+    reason = loading[-1] if loading else errors[-1] if errors else "the worker process died"
+    first_sentence = " ".join(reason.split()).split(". ")[0]  # torch's own errors go on for a paragraph
+    return max(len(loading), died), first_sentence[:300]
 
 
 def wait_until_ready(supervisor: Supervisor, port: int) -> bool:

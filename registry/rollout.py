@@ -166,6 +166,9 @@ def wait_rolled_out(apps, core, place: Place, deadline: float, report: Report) -
     seen: dict[str, str] = {}
     while True:
         deployment = read(apps, place)
+        if (deployment.status.observed_generation or 0) < deployment.metadata.generation:
+            time.sleep(POLL_S)  # the controller has not taken the change yet: its revision would be the last one's
+            continue
         pods = new_pods(apps, core, deployment)
         for pod in pods:
             line, failure = pod_line(pod)
@@ -175,9 +178,7 @@ def wait_rolled_out(apps, core, place: Place, deadline: float, report: Report) -
             if failure:
                 raise RolloutFailed(f"pod {pod.metadata.name} failed: {failure}")
         status, wanted = deployment.status, deployment.spec.replicas
-        done = (status.observed_generation or 0) >= deployment.metadata.generation and all(
-            (count or 0) == wanted for count in (status.updated_replicas, status.ready_replicas, status.available_replicas, status.replicas))
-        if done:
+        if all((count or 0) == wanted for count in (status.updated_replicas, status.ready_replicas, status.available_replicas, status.replicas)):
             return pods
         if time.monotonic() > deadline:
             raise RolloutFailed(f"not rolled out in time: {status.updated_replicas or 0} of {wanted} pods updated, "
@@ -289,7 +290,11 @@ def promote(registry: Registry, name: str, alias: str, place: Place, timeout: fl
         if previous is None:
             raise RolloutError(f"version {version.version} failed: {failure}; alias {alias} is back on {before or 'nothing'}, "
                                f"but {place} served no registry version before, so it was left as it is") from None
-        roll(apps, core, place, previous, timeout, report, check=False)
+        try:
+            roll(apps, core, place, previous, timeout, report, check=False)
+        except RolloutFailed as again:
+            raise RolloutError(f"version {version.version} failed ({failure}); alias {alias} is back on {before or 'nothing'}, "
+                               f"but rolling {place} back to version {previous.version} failed too: {again}") from None
         raise RolloutError(f"version {version.version} failed ({failure}); rolled back: {place} and alias {alias} are on "
                            f"version {previous.version} again") from None
 

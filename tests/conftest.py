@@ -66,15 +66,19 @@ class AstraLocal:
         self.paths = astra_local.paths()
         self.token_role = "writer"  # what `up` issues
 
-    def env(self, way: str, role: str) -> dict[str, str]:
-        """The environment of a command run as ROLE, through the bundle (way "bundle") or directly ("direct")."""
+    def variables(self, way: str, role: str) -> dict[str, str]:
+        """What points a command at the stand-in as ROLE, through the bundle (way "bundle") or directly ("direct")."""
         if way == "bundle":
             self.use_token(role)
-        local = {key: value for key, value in LOCAL_ENV.items() if not key.startswith("CASSANDRA_")}
         # A keyspace for each way in: the bundle's is made by the stand-in (as Astra's console makes one), the
         # direct one by the writer role on first use (as a self-hosted cluster lets it).
         keyspace = self.keyspace if way == "bundle" else f"{self.keyspace}_direct"
-        return {**local, **self.module.variables(self.paths, keyspace, direct=way == "direct", role=role)}
+        return self.module.variables(self.paths, keyspace, direct=way == "direct", role=role)
+
+    def env(self, way: str, role: str) -> dict[str, str]:
+        """The whole environment of such a command: this one's, without other database settings."""
+        local = {key: value for key, value in LOCAL_ENV.items() if not key.startswith("CASSANDRA_")}
+        return {**local, **self.variables(way, role)}
 
     def use_token(self, role: str) -> None:
         if role != self.token_role:
@@ -161,6 +165,36 @@ def metrics_file(tmp_path_factory) -> Path:
         "data_fingerprint": "06b0d1f1" * 8, "git_commit": "0123abc", "torch_version": "2.14.1",
     }))
     return path
+
+
+# --- the Kubernetes tools, built while the first tests run ---------------------------------------------
+# A new machine builds them from Go modules (about 20 minutes of its 2 cores), and the tests before the ones
+# that need them leave a core idle much of the time, waiting for servers and databases. So when the session
+# holds those tests, a background job builds the tools one by one at low priority; a test that needs one still
+# runs scripts/install-k8s-tools.sh, which waits for a build under way (its lock) and skips a finished one.
+PREBUILT = ("helm", "kwok", "etcd", "kube", "gateway-api-crds", "kube-node", "kind", "coredns", "kube-router")
+NEED_TOOLS = {"test_chart_cluster.py", "test_kind_smoke.py"}
+_prebuild: list[subprocess.Popen] = []
+
+
+def pytest_collection_finish(session):
+    if not any(Path(str(item.fspath)).name in NEED_TOOLS for item in session.items):
+        return
+    from training.config import cache_dir
+
+    log = cache_dir() / "build" / "prebuild.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    install = ROOT / "scripts" / "install-k8s-tools.sh"
+    loop = f'for tool in {" ".join(PREBUILT)}; do "{install}" "$tool" || exit 1; done'
+    with log.open("w") as output:
+        _prebuild.append(subprocess.Popen(["nice", "-n", "15", "bash", "-c", loop], stdout=output, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+
+
+def pytest_sessionfinish(session):
+    for process in _prebuild:  # a session cut short: a build left half done is redone by the next run
+        if process.poll() is None:
+            os.killpg(process.pid, 15)
 
 
 # --- time per phase ----------------------------------------------------------------------------------

@@ -116,8 +116,7 @@ def test_load_train_publish_promote_download_and_predict_as_the_writer(way, astr
 @pytest.mark.parametrize("way", WAYS)
 def test_the_server_gets_its_model_with_the_read_only_role(way, astra_local, secrets, python, pod):  # noqa: F811
     """docker/entrypoint.py as the pod runs it, from the registry, with the role that may only read."""
-    env = astra_local.env(way, "reader")
-    running = Running(python, pod, MODEL_SOURCE="registry", MODEL_VERSION="production", **env)
+    running = Running(python, pod, MODEL_SOURCE="registry", MODEL_VERSION="production", **astra_local.variables(way, "reader"))
     try:
         running.wait_for("entrypoint: ready", READY_S)
         assert f"registry version {way}-1 (production)" in running.output
@@ -192,6 +191,20 @@ def test_each_fault_is_one_line_within_seconds(fault, astra_local, secrets, tmp_
     assert time.monotonic() - started < FAULT_S
     assert re.search(expected, line), line
     assert "AstraCS:" not in line  # not even a wrong token
+
+
+def test_a_traceback_shows_no_token(astra_local, secrets, tmp_path):
+    """An error nobody catches while the token is in use: Python's traceback shows code and messages, not it."""
+    down = bundle_variant(astra_local, tmp_path, config_json=json.dumps({"host": "127.0.0.1", "port": 1}).encode())
+    for token_setting in ("ASTRA_DB_TOKEN_FILE", "ASTRA_DB_TOKEN"):
+        env = {**astra_local.env("bundle", "reader"), "ASTRA_DB_SECURE_BUNDLE": str(down)}
+        if token_setting == "ASTRA_DB_TOKEN":
+            env["ASTRA_DB_TOKEN"] = astra_local.paths.token.read_text().strip()
+            del env["ASTRA_DB_TOKEN_FILE"]
+        code = "from registry import db\nfrom registry.settings import cassandra_settings\nwith db.connect(cassandra_settings()):\n    pass"
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr and "DatabaseError: cannot connect" in done.stderr
+        secrets.check(done.stderr)
 
 
 def test_a_download_survives_the_proxy_going_down_mid_way(astra_local, secrets, metrics_file, tmp_path):
