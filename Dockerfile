@@ -51,15 +51,11 @@ FROM ${PYTHON_IMAGE} AS compat-skip
 RUN mkdir -p /usr/local/cuda-13.0/compat
 FROM compat-${CUDA_COMPAT} AS compat
 
-# --- what every target runs on: Java, the user, the code ---------------------------------------------
+# --- what every target runs on: Java, the user, the venv, the code --------------------------------------
 # The large layers come first and are the same for every variant and target, so they are stored once.
 FROM ${PYTHON_IMAGE} AS runtime
 COPY docker/install.sh /opt/mnist-serve/docker/install.sh
 RUN /opt/mnist-serve/docker/install.sh system
-# Only what runs: the handler and server settings, the registry client, the entrypoint (no training code).
-COPY handler/ /opt/mnist-serve/handler/
-COPY registry/ /opt/mnist-serve/registry/
-COPY docker/entrypoint.py /opt/mnist-serve/docker/entrypoint.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/mnist-serve \
     # The root filesystem is read-only in the pod: no .pyc files, and caches under the /tmp emptyDir.
@@ -84,6 +80,12 @@ WORKDIR /home/model-server
 FROM runtime AS runtime-venv
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=compat /usr/local/cuda-13.0/compat/ /usr/local/cuda/compat/
+# Only what runs: the handler and server settings, the registry client, the entrypoint (no training code).
+# After the venv: a change of the code is then a small layer, not another copy of the 6 GB one above (which
+# every rebuild used to store anew, and every kind load to carry).
+COPY handler/ /opt/mnist-serve/handler/
+COPY registry/ /opt/mnist-serve/registry/
+COPY docker/entrypoint.py /opt/mnist-serve/docker/entrypoint.py
 
 # --- the server -------------------------------------------------------------------------------------
 FROM runtime-venv AS serve

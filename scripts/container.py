@@ -97,11 +97,10 @@ class ChartPod:
                 flags += ["--tmpfs", f"{mount['mountPath']}:{(tmpfs_options or {}).get(mount['mountPath'], options)}"]
             elif "configMap" in volume:
                 flags += ["-v", f"{config_file}:{mount['mountPath']}/config.properties:ro"]
-            elif "secret" in volume:
-                name = volume["secret"]["secretName"]
-                if name not in (secrets or {}):
-                    raise ValueError(f"the pod mounts the Secret {name}: pass a folder with its keys")
-                flags += ["-v", f"{secrets[name]}:{mount['mountPath']}:ro"]
+            elif "secret" in volume and volume["secret"]["secretName"] in (secrets or {}):
+                # A Secret not given is left out: a container that needs no database (the model from the
+                # image) starts without it.
+                flags += ["-v", f"{secrets[volume['secret']['secretName']]}:{mount['mountPath']}:ro"]
         for name, value in self.env().items():
             flags += ["-e", f"{name}={value}"]
         return flags

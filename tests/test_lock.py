@@ -77,7 +77,7 @@ def test_make_lock_writes_a_complete_lock_and_moves_the_image_pins(tmp_path):
     """Run for real against the index, on a copy of the project with one image pin set back."""
     copy = tmp_path / "project"
     copy.mkdir()
-    for name in ("pyproject.toml", "README.md", "scripts", "docker", "training", "handler"):
+    for name in ("pyproject.toml", "README.md", "scripts", "docker", "registry", "training", "handler"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, copy / name)
     requirements = copy / "docker" / "requirements.txt"
     requirements.write_text(requirements.read_text().replace("cassandra-driver==3.30.1", "cassandra-driver==3.29.0"))
