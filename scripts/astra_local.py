@@ -38,7 +38,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,40 +63,23 @@ class StandInError(RuntimeError):
     """The stand-in could not be started or used; the message says what failed and where its log is."""
 
 
-@dataclass(frozen=True)
 class Paths:
     """Everything of the stand-in under one folder of the cache."""
-    home: Path
 
-    @property
-    def pki(self) -> Path:
-        return self.home / "pki"
+    def __init__(self, home: Path):
+        self.home = home
+        self.pki = home / "pki"  # the CA, the node's, proxy's and client's certificates, the superuser's password
+        self.bundle = home / "secure-connect-local.zip"
+        self.token = home / "token"
+        self.metadata = home / "metadata.json"
+        self.haproxy_config = home / "haproxy.cfg"
+        self.haproxy_pid = home / "haproxy.pid"
 
     def file(self, name: str) -> Path:
         return self.pki / name
 
-    @property
-    def bundle(self) -> Path:
-        return self.home / "secure-connect-local.zip"
-
-    @property
-    def token(self) -> Path:
-        return self.home / "token"
-
     def password(self, role: str) -> Path:
         return self.home / f"mnist_{role}.password"
-
-    @property
-    def haproxy_config(self) -> Path:
-        return self.home / "haproxy.cfg"
-
-    @property
-    def haproxy_pid(self) -> Path:
-        return self.home / "haproxy.pid"
-
-    @property
-    def metadata(self) -> Path:
-        return self.home / "metadata.json"
 
 
 def paths() -> Paths:
