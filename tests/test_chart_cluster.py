@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,9 +279,17 @@ def rendered(helm, values_file: str) -> list[dict]:  # noqa: F811
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
 
 
+def dynamic_client(api) -> dynamic.DynamicClient:
+    """A client that asks the API server which kinds it serves now. The default discovery cache is a file in /tmp
+    named by the server's address, which outlives the cluster: a new cluster on the same port was asked for the
+    Gateway API kinds an earlier cluster had (404)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return dynamic.DynamicClient(api, cache_file=f"{scratch}/discovery.json")
+
+
 def dry_run(api, namespace: str, obj: dict) -> None:
     """Create `obj` with dryRun=All: the API server validates, defaults and admits it, and stores nothing."""
-    resource = dynamic.DynamicClient(api).resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    resource = dynamic_client(api).resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
     resource.create(body=obj, namespace=namespace, dry_run="All")
 
 
@@ -358,7 +367,7 @@ def left_in(api, namespace: str) -> set[tuple[str, str]]:
     """(kind, name) of every object in the namespace, of every namespaced kind the API server lists, except
     what every namespace holds, the test's Secrets, and events."""
     found = set()
-    for resource in dynamic.DynamicClient(api).resources.search(namespaced=True):
+    for resource in dynamic_client(api).resources.search(namespaced=True):
         if isinstance(resource, ResourceList) or "/" in resource.name or "list" not in (resource.verbs or ()) \
                 or resource.kind == "Event" or not resource.preferred:
             continue

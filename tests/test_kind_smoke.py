@@ -52,6 +52,29 @@ def test_the_wrapper_leaves_other_commands_alone(tmp_path):
     assert wrapped(tmp_path, "inspect", "--format", "{{.Id}}", "node") == ["inspect", "--format", "{{.Id}}", "node"]
 
 
+def mounted_below(directory: Path) -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1].startswith(f"{directory}/")]
+
+
+def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_build_can_start_over(tmp_path):
+    """debootstrap mounts /proc in the node's root filesystem; killed, it leaves it there, and the next build
+    could not delete the directory (CI once failed so: 126,000 lines of 'rm: cannot remove .../proc/...')."""
+    rootfs = tmp_path / "kind-node" / "rootfs"
+    (rootfs / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
+    (rootfs / "dev" / "shm").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(rootfs / "dev" / "shm")], check=True)
+    try:
+        assert mounted_below(tmp_path) == [str(rootfs / "proc"), str(rootfs / "dev" / "shm")]
+        done = subprocess.run(["bash", "-c", 'source "$1" && unmount_below "$2"', "bash", str(ROOT / "k8s" / "kind" / "node-image.sh"),
+                               str(tmp_path / "kind-node")], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert mounted_below(tmp_path) == []
+    finally:
+        for path in reversed(mounted_below(tmp_path)):
+            subprocess.run(["umount", "--lazy", path])
+
+
 @pytest.mark.slow
 def test_kind_smoke_test_passes(archive):
     """The whole smoke test on the tests' archive (the reference model); its figures are printed with -s."""

@@ -33,6 +33,13 @@ step_log() { # step_log NAME COMMAND...: run it into $work/NAME.log; on failure 
   shift
   "$@" >"$work/$name.log" 2>&1 || { tail -n 30 "$work/$name.log" >&2; fail "node image: $name failed (log: $CACHE/kind-node/$name.log)"; }
 }
+unmount_below() { # unmount_below DIR: what a killed debootstrap left mounted there (its /proc), deepest first
+  local mounts
+  mounts="$(awk -v dir="$1/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts | sort -r)"
+  [[ -z "$mounts" ]] || xargs -n 1 umount --lazy <<<"$mounts"
+}
+# Sourced (by tests/test_kind_smoke.py): the functions only.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
 if [[ -n "${KIND_NODE_IMAGE:-}" ]]; then
   echo "$KIND_NODE_IMAGE"
@@ -57,10 +64,13 @@ say "kind's node image ${kind_default%@*} cannot be pulled here: building $TAG f
 
 start=$SECONDS
 work="$CACHE/kind-node"
-rm -rf "$work" && mkdir -p "$work/images"
+# A run killed during debootstrap leaves the node's /proc mounted, and rm cannot delete what is in it.
+unmount_below "$work"
+rm -rf "$work" || fail "cannot delete $work, the last build's files"
+mkdir -p "$work/images"
 debootstrap_pid="" containerd_pid=""
 # shellcheck disable=SC2086 # (either may be empty)
-trap 'kill $debootstrap_pid $containerd_pid 2>/dev/null || true' EXIT
+trap 'kill $debootstrap_pid $containerd_pid 2>/dev/null || true; unmount_below "$work"' EXIT
 
 say "node root filesystem: debootstrap $SUITE (log: $work/debootstrap.log)"
 "$ROOT/scripts/apt-install.sh" debootstrap "$DEBOOTSTRAP"
@@ -83,7 +93,9 @@ while read -r name; do
 done < <("$BIN/kubeadm" config images list --kubernetes-version "$KUBE_VERSION")
 image[kube-router]="mnist-serve.local/kube-router:$KUBE_ROUTER_VERSION"
 
-wait "$debootstrap_pid" || { tail -n 30 "$work/debootstrap.log" >&2; fail "node image: debootstrap failed (log: $work/debootstrap.log)"; }
+# Its own log, inside the root filesystem, says why; the outer one only how far it got.
+wait "$debootstrap_pid" || { tail -n 30 "$work/debootstrap.log" "$rootfs/debootstrap/debootstrap.log" >&2
+  fail "node image: debootstrap failed (logs: $work/debootstrap.log, $rootfs/debootstrap/debootstrap.log)"; }
 
 # What kind's images/base/Dockerfile does on top of its Debian image.
 files="$KIND_MODULE/images/base/files"
