@@ -81,7 +81,7 @@ FROM runtime AS runtime-venv
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=compat /usr/local/cuda-13.0/compat/ /usr/local/cuda/compat/
 # Only what runs: the handler and server settings, the registry client, the entrypoint (no training code).
-# After the venv: a change of the code is then a small layer, not another copy of the 6 GB one above (which
+# After the venv: a change of the code is then a small layer, not another copy of the 5 GB one above (which
 # every rebuild used to store anew, and every kind load to carry).
 COPY handler/ /opt/mnist-serve/handler/
 COPY registry/ /opt/mnist-serve/registry/

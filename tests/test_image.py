@@ -40,7 +40,9 @@ def test_the_install_script_makes_the_images_python_environment(venv):
     assert (driver, numpy_version, pillow) == (pins["cassandra-driver"], pins["numpy"], pins["pillow"])
     # --without-pip: the image has no installer.
     assert not list((venv / "lib").glob("python3*/site-packages/pip"))
-    assert "No broken requirements found" in (venv / ".install.log").read_text()
+    # torch's CUDA build (the one this machine gets) without triton, which torch.compile alone would load.
+    assert not list((venv / "lib").glob("python3*/site-packages/triton"))
+    assert "pip check: no broken requirements (torch's triton is left out on purpose)" in (venv / ".install.log").read_text()
 
 
 def test_the_pins_of_every_variant_resolve_against_the_index(tmp_path):
