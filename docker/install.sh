@@ -98,14 +98,10 @@ EOF
   # it, on a CPU or a GPU. It stays pinned, so the set resolves as torch declares it, and is then taken out;
   # pip check may name it and nothing else.
   "$py" -m pip uninstall --yes --quiet triton
-  local broken
-  if ! broken="$("$py" -m pip check)"; then
-    broken="$(grep -vx "torch $TORCH_VERSION requires triton, which is not installed." <<<"$broken" || true)"
-    [[ -z "$broken" ]] || { echo "$broken" >&2; exit 1; }
-    say "pip check: no broken requirements (torch's triton is left out on purpose)"
-  else
-    echo "$broken"
-  fi
+  local check
+  check="$("$py" -m pip check)" || [[ "$check" == "torch $TORCH_VERSION requires triton, which is not installed." ]] \
+    || { echo "$check" >&2; exit 1; }
+  say "pip check: no broken requirements (torch's triton is left out on purpose)"
   # What TorchServe's workers and the entrypoint import, and one TorchScript forward pass.
   "$py" -I -W ignore::FutureWarning -c '
 import cassandra.cluster, numpy, PIL.Image, yaml, ts.model_service_worker, ts.torch_handler.base_handler, torch
