@@ -12,6 +12,7 @@ CACHE="${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}"
 # Debian 12's engine (20.10: BuildKit built into its client, which the Dockerfile's cache mounts need).
 PACKAGE="docker.io=20.10.24+dfsg1-*"
 LOG="$CACHE/dockerd.log"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 say() { echo "docker-engine: $*" >&2; }
 fail() { echo "error: $*" >&2; exit 1; }
@@ -40,13 +41,23 @@ if [[ $(id -u) != 0 ]] || ! grep -q '^ID=debian' /etc/os-release 2>/dev/null; th
   fail "no Docker engine answers ('docker info' fails); start one (this script installs one itself only on Debian as root)"
 fi
 
-"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" dockerd "$PACKAGE"
+"$HERE/apt-install.sh" dockerd "$PACKAGE"
 mkdir -p "$CACHE"
 forget_stale_pidfile /var/run/docker.pid dockerd
 forget_stale_pidfile /var/run/docker/containerd/containerd.pid containerd
-say "starting dockerd (log: $LOG)"
+# Every change of the image's Python environment leaves another ~5 GB builder layer in BuildKit's cache,
+# which Docker never removes by itself: an engine started here has BuildKit collect it down to 15 GB after
+# builds (scripts/dockerd.json; the current venv, its copy in the images and the small layers fit). A
+# daemon.json the machine already has is used as it is.
+# (A copy in the cache: dockerd outlives the checkout that started it.)
+config=()
+if [[ ! -e /etc/docker/daemon.json ]]; then
+  cp "$HERE/dockerd.json" "$CACHE/dockerd.json"
+  config=(--config-file "$CACHE/dockerd.json")
+fi
+say "starting dockerd${config:+ with ${config[1]}} (log: $LOG)"
 # Its own session, so it outlives this script and the make or pytest run that called it.
-setsid dockerd >>"$LOG" 2>&1 </dev/null &
+setsid dockerd "${config[@]}" >>"$LOG" 2>&1 </dev/null &
 for _ in $(seq 60); do
   if version="$(answers)"; then
     say "Docker engine $version answers (started here, left running)"

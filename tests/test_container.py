@@ -64,6 +64,7 @@ def test_an_engine_starts_over_pid_files_a_stopped_machine_left(engine, tmp_path
         mkdir -p /run/docker/containerd
         echo $other >/run/docker.pid && echo $other >/run/docker/containerd/containerd.pid
         MNIST_SERVE_CACHE={tmp_path} {ROOT}/scripts/docker-engine.sh
+        tr '\\0' ' ' </proc/$(cat /run/docker.pid)/cmdline
         kill $(cat /run/docker.pid) && while [[ -e /run/docker.pid ]]; do sleep 0.2; done
     """
     done = subprocess.run(["unshare", "--pid", "--mount", "--net", "--fork", "--mount-proc", "bash", "-c", inside],
@@ -74,6 +75,9 @@ def test_an_engine_starts_over_pid_files_a_stopped_machine_left(engine, tmp_path
     assert any(re.fullmatch(r"docker-engine: removing /var/run/docker/containerd/containerd.pid: pid \d+ is not a running containerd .*", line)
                for line in said)
     assert re.fullmatch(r"docker-engine: Docker engine \S+ answers \(started here, left running\)", said[-1])
+    # With no daemon.json of the machine's, BuildKit's cache is collected (each venv change adds 5 GB to it).
+    assert done.stdout.split() == ["dockerd", "--config-file", f"{tmp_path}/dockerd.json"]
+    assert json.loads((tmp_path / "dockerd.json").read_text())["builder"]["gc"] == {"enabled": True, "defaultKeepStorage": "15GB"}
 
 
 @pytest.fixture(scope="session")
@@ -335,6 +339,28 @@ def test_the_training_image_builds_and_runs_its_cli_locked_down(engine, image, c
     # It publishes what it trains: the registry's command line runs in it too.
     published = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--entrypoint", "/opt/venv/bin/python", tag, "-m", "registry.cli", "publish", "--help")
     assert "--metrics" in published.stdout
+
+
+def test_a_build_removes_the_images_it_supersedes_and_no_one_elses(engine, image):
+    """Each image a build replaces under its tag is left untagged (5 GB when the venv changed): build.sh
+    removes this project's (its title label), never an untagged image of someone else's."""
+    def untagged(title: str) -> str:
+        """Two images with no layers built under one tag: the first's id, left untagged."""
+        tag, built = f"mnist-serve-superseded-{title}:test", []
+        for revision in ("old", "new"):
+            done = subprocess.run(["docker", "build", "--quiet", "--tag", tag, "--label", f"revision={revision}",
+                                   "--label", f"org.opencontainers.image.title={title}", "-"], input="FROM scratch\nLABEL superseded=yes\n",
+                                  capture_output=True, text=True, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+            assert done.returncode == 0, done.stderr
+            built.append(done.stdout.strip())
+        docker("image", "rm", tag)
+        return built[0]
+    ours, theirs = untagged("mnist-serve"), untagged("someone-else")
+    _, said = build("cpu")
+    assert re.search(r"^build\.sh: superseded mnist-serve images removed: \S+ freed$", said, re.MULTILINE), said
+    exists = lambda image_id: docker("image", "inspect", image_id, check=False).returncode == 0
+    assert not exists(ours) and exists(theirs)
+    docker("image", "rm", theirs)
 
 
 def test_readmes_docker_run_line_works_as_written(image_with_model, archive):
