@@ -89,10 +89,12 @@ elif [[ -x /usr/bin/docker ]]; then
 else
   build=(docker build)
 fi
+# Marks this project's images, so the prune below finds them and no one else's.
+title=org.opencontainers.image.title=mnist-serve
 DOCKER_BUILDKIT=1 "${build[@]}" "$ROOT" --file "$ROOT/Dockerfile" --target "$target" "${args[@]}" \
-  --label org.opencontainers.image.title=mnist-serve --label org.opencontainers.image.revision="$revision" \
+  --label "$title" --label org.opencontainers.image.revision="$revision" \
   --label org.opencontainers.image.version="$version" --tag "$tag"
 # The image this one replaced under its tag is left with none; with a changed venv that is 5 GB a build.
 # Only this project's untagged images go (by their title label), and none a container still uses.
-say "superseded mnist-serve images removed: $(docker image prune --force --filter label=org.opencontainers.image.title=mnist-serve | sed -n "s/^Total reclaimed space: //p") freed"
+say "superseded mnist-serve images removed: $(docker image prune --force --filter "label=$title" | sed -n "s/^Total reclaimed space: //p") freed"
 echo "$tag"
