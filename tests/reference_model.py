@@ -1,7 +1,9 @@
 """The model `make train` produces, trained once per change of the training code and cached outside the checkout."""
 import hashlib
+import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from training.config import cache_dir
@@ -18,3 +20,15 @@ def reference_model_dir() -> Path:
     if not (out / "metrics.json").exists():  # written last: its presence means the run finished
         subprocess.run([sys.executable, "-m", "training", "train", "--out", str(out)], cwd=ROOT, check=True)
     return out
+
+
+def same_but_for_times(one: Path, other: Path) -> bool:
+    """Two model archives with the same files and bytes, apart from when they were made (the zip entries'
+    times, the manifest's createdOn)."""
+    def contents(path: Path) -> tuple[dict, dict]:
+        with zipfile.ZipFile(path) as archive:
+            files = {name: archive.read(name) for name in archive.namelist()}
+        manifest = json.loads(files.pop("MAR-INF/MANIFEST.json"))
+        manifest.pop("createdOn")
+        return files, manifest
+    return contents(one) == contents(other)

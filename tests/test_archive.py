@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from handler.archive import UNKNOWN_VERSION, version_from_metrics
-from reference_model import reference_model_dir
+from reference_model import reference_model_dir, same_but_for_times
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +63,21 @@ def test_a_missing_model_says_to_train_first(tmp_path):
     assert done.returncode == 1 and "make train" in done.stderr
     missing_metrics = archive_cli("--model", str(tmp_path / "model.pt"), "--out", str(tmp_path))
     assert missing_metrics.returncode == 1 and "pass --version" in missing_metrics.stderr
+
+
+def test_archives_made_at_other_times_are_the_same_and_any_other_difference_is_not(archive, tmp_path):
+    """What lets a test session reuse the last session's archive bytes (conftest's archive fixture)."""
+    def copy(name: str, change=lambda entry, data: data) -> Path:
+        """The archive with its times moved to 2030 and change(entry, data) applied to each entry."""
+        path = tmp_path / name
+        with zipfile.ZipFile(archive) as original, zipfile.ZipFile(path, "w") as moved:
+            for entry in original.namelist():
+                data = original.read(entry)
+                if entry == "MAR-INF/MANIFEST.json":
+                    data = json.dumps({**json.loads(data), "createdOn": "01/01/2030 00:00:00"}).encode()
+                moved.writestr(zipfile.ZipInfo(entry, date_time=(2030, 1, 1, 0, 0, 0)), change(entry, data))
+        return path
+
+    assert same_but_for_times(archive, copy("later.mar"))
+    assert not same_but_for_times(archive, copy("model.mar", lambda entry, data: data + b"\0" if entry == "model.pt" else data))
+    assert not same_but_for_times(archive, copy("version.mar", lambda entry, data: data.replace(b'"modelVersion": "', b'"modelVersion": "v')))
