@@ -1,14 +1,16 @@
 """The chart on a real kind cluster (k8s/kind-smoke.sh, make kind-smoke): the node image built from package
-registries where kind's own cannot be pulled, the serving image loaded, helm install and test, digits in every
-input form, uid and read-only root filesystem, the NetworkPolicy enforced, the registry path, zero-downtime
-upgrades and a killed container under load, bad values and an unreachable registry. Plus the pieces that can
-be checked alone: the docker wrapper kind uses where nodes cannot run privileged, and the one-line refusal."""
+registries where kind's own cannot be pulled, the serving image preloaded into it, helm install and test, digits
+in every input form, uid and read-only root filesystem, the NetworkPolicy enforced, the registry path,
+zero-downtime upgrades and a killed container under load, bad values and an unreachable registry. Plus the
+pieces that can be checked alone: the docker wrapper kind uses where nodes cannot run privileged, the one-line
+refusal, and the preloaded node image."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,61 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
     finally:
         for path in reversed(mounted_below(tmp_path)):
             subprocess.run(["umount", "--lazy", path])
+
+
+@pytest.mark.slow
+def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replaces_the_last_build(tmp_path):
+    """k8s/kind/preload.sh on the smoke test's node image with a one-file image in place of the serving one."""
+    subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], check=True)
+    node = subprocess.run([str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True, check=True).stdout.split()[-1]
+    serving = "mnist-serve-preload-test:1"
+
+    def build_serving(content: str) -> None:
+        (tmp_path / "file").write_text(content)
+        subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True, capture_output=True)
+
+    def preload() -> tuple[str, str]:
+        done = subprocess.run([str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-1], done.stderr
+
+    def inspect(image: str, field: str) -> str:
+        return subprocess.run(["docker", "image", "inspect", "--format", f"{{{{json {field}}}}}", image],
+                              capture_output=True, text=True).stdout.strip()
+
+    container = f"mnist-serve-preload-test-{os.getpid()}"
+    built = []
+    try:
+        build_serving("first")
+        first, said = preload()
+        built.append(first)
+        assert re.search(r"^preload: built \S+ in \d+ s$", said, re.MULTILINE), said
+        assert inspect(first, ".Config.Entrypoint") == inspect(node, ".Config.Entrypoint") != "null"
+        # What the cluster's node will find in its containerd: this image beside the control plane's.
+        subprocess.run(["docker", "run", "--detach", "--name", container, "--tmpfs", "/run", "--entrypoint", "containerd", first],
+                       check=True, capture_output=True)
+        held = ""
+        for _ in range(60):
+            done = subprocess.run(["docker", "exec", container, "ctr", "--namespace", "k8s.io", "images", "ls", "--quiet"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                held = done.stdout
+                break
+            time.sleep(0.5)
+        assert f"docker.io/library/{serving}\n" in held and "kube-apiserver:" in held, held
+        subprocess.run(["docker", "rm", "--force", container], check=True, capture_output=True)
+
+        again, said = preload()
+        assert again == first and "is there" in said
+
+        build_serving("second")
+        second, said = preload()
+        built.append(second)
+        assert second != first and "built" in said
+        assert subprocess.run(["docker", "image", "inspect", first], capture_output=True).returncode != 0, "the last build's preloaded image stayed"
+    finally:
+        subprocess.run(["docker", "rm", "--force", container], capture_output=True)
+        subprocess.run(["docker", "image", "rm", "--force", *built, serving], capture_output=True)
 
 
 @pytest.mark.slow
