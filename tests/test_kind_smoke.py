@@ -86,7 +86,8 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
 
     def build_serving(content: str) -> None:
         (tmp_path / "file").write_text(content)
-        subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True, capture_output=True)
+        done = subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True, capture_output=True, text=True)
+        built.append(done.stdout.strip())
 
     def preload() -> tuple[str, str]:
         done = subprocess.run([str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True, text=True)
@@ -129,7 +130,7 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
         assert subprocess.run(["docker", "image", "inspect", first], capture_output=True).returncode != 0, "the last build's preloaded image stayed"
     finally:
         subprocess.run(["docker", "rm", "--force", container], capture_output=True)
-        subprocess.run(["docker", "image", "rm", "--force", *built, serving], capture_output=True)
+        subprocess.run(["docker", "image", "rm", "--force", *built], capture_output=True)
 
 
 @pytest.mark.slow
