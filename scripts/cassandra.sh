@@ -123,6 +123,8 @@ fetch_jars() {
     fi
     echo "$VERSION" >"$tmp/.version"
     rm -rf "$LIB"
+    # CASSANDRA_LIB may be another cache's, where no node has run yet (the shared node was up from elsewhere).
+    mkdir -p "$(dirname "$LIB")"
     mv "$tmp" "$LIB"
     say "fetched $(find "$LIB/" -name '*.jar' | wc -l) jars in $((SECONDS - started)) s"
 }
