@@ -83,16 +83,13 @@ tag="$("$ROOT/docker/build.sh" cpu --with-model 2>"$work/image-build.log" | tail
 echo "serving image: $tag"
 
 phase "the serving image preloaded into the node image (k8s/kind/preload.sh: once per serving image)"
-# On disk meanwhile, where Docker keeps its data: the preloaded node image (built once: the container it is
-# committed from, then the image), then in the cluster's node a copy of it, the layers unpacked, and ~2.5 GB
-# of control plane images, etcd and logs (its volume was 12.9 GB for this 5.3 GB image).
-size="$(docker image inspect --format '{{.Size}}' "$tag")"
-free="$(df --output=avail -B1 "$(docker info --format '{{.DockerRootDir}}')" | tail -n 1)"
-copies=3
-! docker image inspect "$("$ROOT/k8s/kind/preload.sh" --name "$node_image" "$tag")" >/dev/null 2>&1 || copies=2
-((free > copies * size + 4 * 1024 ** 3)) || fail "the cluster's node with $tag needs $(((copies * size) / 1024 ** 3 + 4)) GiB free where Docker keeps its data; $((free / 1024 ** 3)) GiB are (docker system df; docker builder prune frees the build cache)"
 node_image="$("$ROOT/k8s/kind/preload.sh" "$node_image" "$tag" | tail -n 1)"
 echo "node image with the serving image: $node_image"
+# Where Docker keeps its data, the cluster's node gets a copy of the preloaded containerd, the serving image
+# unpacked, and ~2.5 GB of control plane images, etcd and logs (its volume: 12.9 GB for the 5.3 GB image).
+size="$(docker image inspect --format '{{.Size}}' "$tag")"
+free="$(df --output=avail -B1 "$(docker info --format '{{.DockerRootDir}}')" | tail -n 1)"
+((free > 2 * size + 4 * 1024 ** 3)) || fail "the cluster's node with $tag needs $(((2 * size) / 1024 ** 3 + 4)) GiB free where Docker keeps its data; $((free / 1024 ** 3)) GiB are (docker system df; docker builder prune frees the build cache)"
 
 k() { "$KUBECTL" --namespace "$NAMESPACE" "$@"; }
 # helm without its warning that the chart's config.properties is a link (to handler/config.properties, on purpose).

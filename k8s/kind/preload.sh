@@ -3,8 +3,7 @@
 # cluster needs no `kind load`: that streams the whole image into the node and hashes it on every run
 # (~2 min for the 5 GB CPU image, torch's CUDA build), where this is done once per serving image.
 #
-#   k8s/kind/preload.sh NODE_IMAGE SERVING_IMAGE          prints the preloaded node image's name as its last line
-#   k8s/kind/preload.sh --name NODE_IMAGE SERVING_IMAGE   only prints the name it has or would have
+#   k8s/kind/preload.sh NODE_IMAGE SERVING_IMAGE     prints the preloaded node image's name as its last line
 #
 # How: containerd of NODE_IMAGE, in a plain container of it, imports `docker save SERVING_IMAGE` with
 # --no-unpack (content only, as the node image's own control plane images are: the blobs are plain files,
@@ -18,8 +17,6 @@ REPOSITORY=mnist-serve/kind-node-preloaded
 LABEL=mnist-serve.preloaded  # its value: the serving image's name
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 [[ "${1:-}" != -h && "${1:-}" != --help ]] || { usage; exit 0; }
-name_only=false
-[[ "${1:-}" != --name ]] || { name_only=true; shift; }
 (($# == 2)) || { usage >&2; exit 2; }
 node=$1 serving=$2
 say() { echo "preload: $*" >&2; }
@@ -27,10 +24,6 @@ say() { echo "preload: $*" >&2; }
 ids="$(docker image inspect --format '{{.Id}}' "$node" "$serving")" || exit 1
 # The serving image's name is in the hash too (the name the node's containerd holds it under), and this script.
 tag="$REPOSITORY:$({ printf '%s\n%s\n' "$ids" "$serving"; cat "$0"; } | sha256sum | cut -c1-12)"
-if $name_only; then
-  echo "$tag"
-  exit 0
-fi
 if docker image inspect "$tag" >/dev/null 2>&1; then
   say "$tag is there ($serving in $node)"
   echo "$tag"
@@ -39,6 +32,10 @@ fi
 # Those of an earlier build of this serving image (or of another node image) go first: this one needs
 # their space. One a running cluster still uses stays (docker refuses).
 docker image ls --quiet --filter "label=$LABEL=$serving" | xargs --no-run-if-empty docker image rm --force >/dev/null 2>&1 || true
+# At its end docker commit holds the content twice: in the container and in the new image.
+size="$(docker image inspect --format '{{.Size}}' "$serving")"
+free="$(df --output=avail -B1 "$(docker info --format '{{.DockerRootDir}}')" | tail -n 1)"
+((free > 2 * size + 1024 ** 3)) || { echo "error: preloading $serving needs $(((2 * size) / 1024 ** 3 + 1)) GiB free where Docker keeps its data; $((free / 1024 ** 3)) GiB are (docker system df)" >&2; exit 1; }
 
 start=$SECONDS
 container="mnist-serve-preload-$$"
