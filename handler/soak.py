@@ -292,11 +292,15 @@ def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path
     started = time.monotonic()
     waiting = subprocess.Popen([sys.executable, "-m", "registry.cli", "download", "1", "--out", str(work / "after-restart"),
                                 "--retry-seconds", "120"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The node starts only once the download has failed a first time, however slowly a busy machine starts it.
+    before = ""
+    while "attempt 1 failed" not in before and (line := waiting.stderr.readline()):
+        before += line
     restart = node.up()
     answering = time.monotonic()
     out, err = waiting.communicate(timeout=180)
     finished = time.monotonic()
-    recovered = subprocess.CompletedProcess(waiting.args, waiting.returncode, out, err)
+    recovered = subprocess.CompletedProcess(waiting.args, waiting.returncode, out, before + err)
 
     # A publish the database stops under: the node is stopped from the publish's own progress callback after
     # its first chunk, so the cut falls mid-publish every time, with more chunks in flight.

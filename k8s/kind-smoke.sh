@@ -167,7 +167,7 @@ fi
 kind() { PATH="$kind_path" "$KIND" "$@"; }
 
 phase "kind cluster $CLUSTER"
-if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+if kind get clusters 2>/dev/null | grep -x "$CLUSTER" >/dev/null; then
   [[ -f "$OWNED" && "$(docker inspect --format '{{.Id}}' "$NODE" 2>/dev/null)" == "$(cat "$OWNED")" ]] \
     || fail "a kind cluster named $CLUSTER exists that this script did not create; delete it (kind delete cluster --name $CLUSTER) or keep it and skip the smoke test"
   echo "deleting the cluster an interrupted run left"
@@ -261,7 +261,7 @@ for _ in 1 2; do CASSANDRA_KEYSPACE=$KEYSPACE "$ROOT/.venv/bin/mnist-registry" p
 CASSANDRA_KEYSPACE=$KEYSPACE "$ROOT/.venv/bin/mnist-registry" promote 1 --alias production
 # The node listens on loopback; the pods reach this host at the kind network's gateway, where socat
 # forwards to it. Nothing outside this machine reaches that address.
-gateway="$(docker network inspect kind --format '{{range .IPAM.Config}}{{.Gateway}} {{end}}' | tr ' ' '\n' | grep -m1 '\.')"
+gateway="$(docker network inspect kind --format '{{range .IPAM.Config}}{{.Gateway}} {{end}}' | tr ' ' '\n' | awk '/\./ && !found { print; found = 1 }')"
 "$ROOT/scripts/apt-install.sh" socat "$SOCAT"
 socat "TCP-LISTEN:9042,bind=$gateway,fork,reuseaddr" TCP:127.0.0.1:9042 &
 background+=($!)
@@ -272,7 +272,7 @@ phase "zero-downtime upgrades under load"
 start_load() { # start_load NAME: k8s/kind/load.py's load loop in a pod, counting once it has a right answer
   load_pod "$1"
   k wait --for=condition=Ready "pod/$1" --timeout 2m >/dev/null
-  until k logs "$1" | grep -q "^counting"; do
+  until k logs "$1" | grep "^counting" >/dev/null; do
     [[ "$(k get pod "$1" -o jsonpath='{.status.phase}')" == Running ]] || { k logs "$1" >&2; fail "the load pod $1 stopped"; }
     sleep 1
   done

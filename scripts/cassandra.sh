@@ -85,8 +85,9 @@ our_pid() {
     pid=$(<"$PIDFILE")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     [[ -r /proc/$pid/cmdline ]] || return 1
+    # grep without -q reads to the end: under pipefail, tr writing into a pipe grep had closed would fail the check.
     tr '\0' '\n' <"/proc/$pid/cmdline" \
-        | grep -qxF -- "-Dcassandra.config=file://$CONF/cassandra.yaml" || return 1
+        | grep -xF -- "-Dcassandra.config=file://$CONF/cassandra.yaml" >/dev/null || return 1
     echo "$pid"
 }
 

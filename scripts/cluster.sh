@@ -48,7 +48,7 @@ export KWOK_KUBECTL_BINARY="$BIN/kubectl"
 
 kwokctl() { "$BIN/kwokctl" --name="$NAME" --config="$ROOT/k8s/kwok/kwokctl.yaml" "$@"; }
 k() { "$BIN/kubectl" --kubeconfig="$KUBECONFIG_FILE" "$@"; }
-exists() { [[ -x "$BIN/kwokctl" ]] && "$BIN/kwokctl" get clusters 2>/dev/null | grep -qx "$NAME"; }
+exists() { [[ -x "$BIN/kwokctl" ]] && "$BIN/kwokctl" get clusters 2>/dev/null | grep -x "$NAME" >/dev/null; }
 answers() { k get --raw=/readyz >/dev/null 2>&1; }
 
 # kwokctl trusts its pid files: an unreaped zombie, or after a reboot a pid now

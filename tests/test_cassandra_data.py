@@ -16,7 +16,6 @@ pytestmark = pytest.mark.cassandra
 
 BLOB, NOTEBOOK = LAYOUTS["blob"], LAYOUTS["notebook"]
 NOTEBOOK_ROWS = 1000  # the notebook layout writes ~1,000 rows/s: a subset, where the full set is not the point
-READ_TARGET_S = 10.0
 
 
 def count(session, table: str) -> int:
@@ -70,8 +69,7 @@ def test_the_cassandra_source_gives_the_same_arrays_as_the_files(full_load, cass
         assert np.array_equal(getattr(from_db, name), getattr(mnist, name)), name
         assert getattr(from_db, name).dtype == np.uint8
     assert from_db.fingerprint() == mnist.fingerprint()
-    assert "blob layout" in from_db.origin
-    assert seconds <= READ_TARGET_S
+    assert "blob layout" in from_db.origin  # its speed against the target: make bench-db
 
 
 def test_the_notebook_layout_reads_into_the_same_arrays(notebook_load, cassandra, mnist):

@@ -3,20 +3,19 @@
 production alias, no TorchServe process left behind, the reuse decision of a second run, and how it fails."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import LOCAL_ENV, ROOT
+from descendants import Descendants
 
 DEMO = ROOT / "scripts" / "demo.py"
 RUN_S = 900.0  # 1 epoch and TorchServe starting: about 30 s when the 2 cores are free, minutes when busy
@@ -31,40 +30,22 @@ TABLE_ROW = re.compile(
 class DemoRun:
     code: int
     output: str  # stdout and stderr together, as a terminal shows them
-    seen: dict[int, tuple[psutil.Process, str]]  # every process that ran under the demo, with its command line
-
-    def processes(self, part: str) -> list[psutil.Process]:
-        return [process for process, command in self.seen.values() if part in command]
+    seen: Descendants  # every process that ran under the demo
 
 
 def run_demo(environment: dict[str, str], *args: str, timeout: float = RUN_S) -> DemoRun:
-    """The demo as `make demo` runs it, while a thread notes every process under it (TorchServe's included)."""
+    """The demo as `make demo` runs it, while every process under it (TorchServe's included) is watched."""
     process = subprocess.Popen(
         [sys.executable, str(DEMO), *args], cwd=ROOT, env=environment,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    seen: dict[int, tuple[psutil.Process, str]] = {}
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.wait(0.2):
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    if child.pid not in seen:
-                        with contextlib.suppress(psutil.Error):  # it may have exited meanwhile
-                            seen[child.pid] = (child, " ".join(child.cmdline()))
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # the demo stops what it started on SIGTERM
-        output, _ = process.communicate(timeout=120)
-        pytest.fail(f"the demo took over {timeout:.0f} s:\n{output[-4000:]}")
-    finally:
-        finished.set()
-        watcher.join()
+    with Descendants(process.pid) as seen:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # the demo stops what it started on SIGTERM
+            output, _ = process.communicate(timeout=120)
+            pytest.fail(f"the demo took over {timeout:.0f} s:\n{output[-4000:]}")
     return DemoRun(process.returncode, output, seen)
 
 
@@ -134,12 +115,12 @@ def test_it_writes_the_metrics_plots_and_logs_and_says_where(demo, demo_out):
 @runs_the_demo
 def test_torchserve_came_from_the_registry_and_nothing_is_left_running(demo, demo_out):
     # It really ran: the container's entrypoint, TorchServe's JVM under it, and its Python workers.
-    assert demo.processes("docker/entrypoint.py")
-    assert demo.processes("org.pytorch.serve.ModelServer")
-    assert demo.processes("model_service_worker")
-    everything = [process for process, command in demo.seen.values() if "CassandraDaemon" not in command]
+    assert demo.seen.ran("docker/entrypoint.py")
+    assert demo.seen.ran("org.pytorch.serve.ModelServer")
+    assert demo.seen.ran("model_service_worker")
+    everything = set(demo.seen.everything()) - set(demo.seen.ran("CassandraDaemon"))
     _, alive = psutil.wait_procs(everything, timeout=10)
-    assert not alive, [demo.seen[process.pid][1][:200] for process in alive]
+    assert not alive, [demo.seen.command(process) for process in alive]
     serve_log = (demo_out / "logs" / "serve.log").read_text()
     assert re.search(r"registry version \S+ \(production\), sha256 \w+ checked", serve_log)
     assert "entrypoint: TorchServe exited with code 143" in serve_log  # stopped by SIGTERM, as a pod is

@@ -25,6 +25,7 @@ from conftest import LOCAL_ENV
 
 from handler.archive import build_archive
 from handler.server import LOG_CONFIG, Ports, config_with_ports
+from descendants import Descendants
 from image_env import ROOT, image_venv
 
 pytestmark = pytest.mark.slow
@@ -84,6 +85,7 @@ class Running:
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self.reader.start()
+        self.seen = Descendants(self.process.pid).start()
 
     @property
     def output(self) -> str:
@@ -102,12 +104,13 @@ class Running:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+            self.seen.stop()
         self.reader.join(10)
         return code
 
     def processes(self) -> list[psutil.Process]:
-        """TorchServe's processes: the Java frontend (the entrypoint's child) and its workers."""
-        return psutil.Process(self.process.pid).children(recursive=True)
+        """Every process that ran under the entrypoint so far: TorchServe's Java frontend and all it started."""
+        return self.seen.everything()
 
 
 def run(python: Path, pod: Pod, timeout: float = FAIL_S, **settings: str) -> tuple[int, str]:
@@ -156,19 +159,20 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
 
         # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it.
         (java,) = psutil.Process(running.process.pid).children()
-        assert java.name() == "java" and len(java.children()) == 2
+        # Its children are the two workers and, every minute, TorchServe's system-metrics collector.
+        workers = [child for child in java.children() if child in running.seen.ran("model_service_worker")]
+        assert java.name() == "java" and len(workers) == 2, [running.seen.command(child) for child in java.children()]
         listening = {c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
         assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
         assert listening[pod.ports.inference] in ("0.0.0.0", "::")  # every address: Kubernetes routes to the pod IP
-        everything = running.processes()
     finally:
         running.process.send_signal(signal.SIGTERM)
         code = running.finish(60)
 
     assert code == 128 + signal.SIGTERM, running.output[-3000:]  # the JVM's own exit code, passed on
     assert "SIGTERM: stopping TorchServe" in running.output and "TorchServe exited with code 143" in running.output
-    gone, alive = psutil.wait_procs(everything, timeout=10)
-    assert not alive, f"left running: {alive}"
+    gone, alive = psutil.wait_procs(running.processes(), timeout=10)
+    assert not alive, f"left running: {[running.seen.command(process) for process in alive]}"
     assert pod.termination_message == ""  # a requested stop is no failure
     assert not (pod.path("tmp") / "mnist-serve-ready").exists()
     # Writes go only to the emptyDir paths: the working directory and HOME stay empty.
@@ -355,13 +359,13 @@ def test_a_model_that_never_loads_is_given_up_after_three_failed_workers(python,
     running = Running(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(broken))  # READY_TIMEOUT=240
     running.wait_for("TorchServe started", FAIL_S)
     started = time.monotonic()
-    everything = running.processes()
     code = running.finish(200)
     assert code == 1, running.output[-3000:]
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < int(pod.environment["READY_TIMEOUT"])  # given up, not timed out
     assert re.match(r"the model does not load: [3-9] workers failed to load mnist\.mar: \S", pod.termination_message), pod.termination_message
-    _, alive = psutil.wait_procs(everything, timeout=10)
-    assert not alive
+    assert running.seen.ran("org.pytorch.serve.ModelServer") and running.seen.ran("model_service_worker")
+    _, alive = psutil.wait_procs(running.processes(), timeout=10)
+    assert not alive, [running.seen.command(process) for process in alive]
 
 
 def test_a_stop_signal_while_fetching_the_model_ends_at_once(python, pod):

@@ -20,7 +20,8 @@ from handler.soak import listed_versions, malformed, registry_through_a_restart,
 from test_serve import digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
 from registry import db
 
-MIXED_LOAD_S = 10.0
+MIXED_LOAD_S = 10.0  # at least; on a busy machine longer, until enough malformed requests were answered
+MIXED_LOAD_MAX_S = 120.0
 THREADS = 32
 
 
@@ -29,7 +30,7 @@ THREADS = 32
 @pytest.mark.serve
 @pytest.mark.slow
 def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_each_digit_its_200(server, known):  # noqa: F811
-    """For 10 s, 32 threads send one malformed body in ten (each kind soak.py mixes in, in turn) among digits
+    """For 10 s or more, 32 threads send one malformed body in ten (each kind soak.py mixes in, in turn) among digits
     the model reads right; bad and good requests share batches and workers, and each gets its own answer.
     Each thread keeps its connection open, as wrk and browsers do: on a connection the client closes after
     each request, the frontend resets some over-size uploads instead of answering 413 (README, Reliability)."""
@@ -37,12 +38,16 @@ def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_
     url = urlsplit(server.url())
     bad = list(malformed(encoded(images[0])).items())
     numbers = itertools.count()  # next() on it is atomic: each request gets its own number
-    deadline = time.monotonic() + MIXED_LOAD_S
+    started, enough = time.monotonic(), 10 * len(bad)
     wrong, answered, lock = [], {"good": 0, "bad": 0}, threading.Lock()
+
+    def going() -> bool:
+        elapsed = time.monotonic() - started
+        return elapsed < MIXED_LOAD_S or (answered["bad"] < enough and elapsed < MIXED_LOAD_MAX_S)
 
     def send_until_the_deadline() -> None:
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-        while time.monotonic() < deadline:
+        while going():
             n = next(numbers)
             if n % 10 == 9:
                 kind, (body, content_type, status) = bad[n // 10 % len(bad)]
@@ -67,7 +72,7 @@ def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_
         for done in [pool.submit(send_until_the_deadline) for _ in range(THREADS)]:
             done.result()
     assert not wrong, f"{len(wrong)} of {sum(answered.values())} answered wrongly, e.g. {wrong[:5]}"
-    assert answered["bad"] >= 10 * len(bad), f"only {answered} requests in {MIXED_LOAD_S:g} s: too few to hold the invariant"
+    assert answered["bad"] >= enough, f"only {answered} requests in {MIXED_LOAD_MAX_S:g} s: too few to hold the invariant"
 
 
 # --- the registry through a database restart -----------------------------------------------------
