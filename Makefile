@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 ARTIFACTS ?= artifacts
 TRAIN_FLAGS ?=
 SOAK_FLAGS ?=
+TESTS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -134,7 +135,10 @@ kind-smoke: venv $(MAR) ## kind cluster (node image from package registries): in
 test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)
 	$(PY) -m pytest
 
+test-busy: venv ## the process-heavy tests beside a CPU hog on every core (TESTS="tests/test_demo.py" to choose)
+	scripts/test-busy.sh $(TESTS)
+
 clean: ## remove artifacts/ (caches outside the checkout stay)
 	rm -rf $(ARTIFACTS)
 
-.PHONY: help venv lock train test clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db
+.PHONY: help venv lock train test test-busy clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db
