@@ -1,4 +1,5 @@
-"""Shared fixtures: the real local Cassandra node and a fresh keyspace per test run, MNIST, the archives."""
+"""Shared fixtures: the real local Cassandra node and a fresh keyspace per test run, MNIST, the archives; and,
+from the helper modules at the end, a TorchServe per module, the pinned helm, the entrypoint's pod."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Astra variables are dropped so a developer's Astra credentials never point the tests at Astra.
 LOCAL_ENV = {key: value for key, value in os.environ.items() if not key.startswith("ASTRA_DB_")}
+NOTEBOOK_ROWS = 1000  # the notebook layout writes ~1,000 rows/s: a subset, where the full set is not the point
 
 
 def cassandra_script(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -233,3 +235,18 @@ def pytest_terminal_summary(terminalreporter):
     for file, seconds in sorted(_seconds_per_file.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{seconds:8.1f}  {file}")
     terminalreporter.write_line(f"{sum(_seconds_per_file.values()):8.1f}  in all")
+
+
+# --- fixtures of the helper modules ------------------------------------------------------------------
+# Imported here, after LOCAL_ENV and ROOT, which they take from this module: pytest offers a conftest's fixtures
+# to every test module, so no test module imports another.
+from bodies import zip_bomb  # noqa: E402
+from entrypoint_pod import pod, python  # noqa: E402, F401
+from helm_chart import helm  # noqa: E402, F401
+from served import digits, known, server  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def zip_bomb_png() -> bytes:
+    """A valid PNG of 10,000 x 10,000 black pixels: ~100 KB that inflates to 100 MB."""
+    return zip_bomb()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
+from entrypoint_pod import READY_S, Running, post_digit
 from handler.soak import big_archive
-from test_entrypoint import READY_S, Running, pod, post_digit, python  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cassandra]
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import NOTEBOOK_ROWS, run_cli
 
 from training.cassandra_source import LAYOUTS, CassandraMnist, read_images
 from training.data import DataError
@@ -15,7 +15,6 @@ from training.load_data import check_loaded, load
 pytestmark = pytest.mark.cassandra
 
 BLOB, NOTEBOOK = LAYOUTS["blob"], LAYOUTS["notebook"]
-NOTEBOOK_ROWS = 1000  # the notebook layout writes ~1,000 rows/s: a subset, where the full set is not the point
 
 
 def count(session, table: str) -> int:

@@ -7,8 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from test_cassandra_data import NOTEBOOK_ROWS
+from conftest import NOTEBOOK_ROWS, run_cli
 
 from registry.store import Registry, read_metrics
 from training import export

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import tomllib
 from pathlib import Path
 
@@ -16,55 +15,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from training.config import cache_dir
+from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, render, run_helm, server_pod
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "mnist-serve"
-KUBE_VERSION = "1.36.0"
 MANAGEMENT_PORT = 8081
 CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}  # the Prometheus operator's, the Gateway API's: no built-in schema
-
-CASES = {
-    "default": [],
-    "kind": ["--values", str(CHART / "values-kind.yaml")],
-    "eks-gpu": ["--values", str(CHART / "values-eks-gpu.yaml")],
-    # Every optional part on, so each is rendered and validated too.
-    "everything": [
-        "--values", str(CHART / "values-eks-gpu.yaml"),
-        "--set", "metrics.serviceMonitor.enabled=true", "--set", "gpu.runtimeClassName=nvidia",
-        "--set", "networkPolicy.inferenceFrom[0].namespaceSelector.matchLabels.name=ingress",
-        "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
-        "--set", "networkPolicy.egressTo[0].ipBlock.cidr=10.0.0.0/8",
-        "--set", "tests.image.repository=python", "--set", "tests.image.tag=3.11.14-slim-bookworm",
-        "--set", "imagePullSecrets[0].name=registry", "--set", "priorityClassName=serving",
-    ],
-    # A self-hosted cluster with logins and TLS with client certificates (K8ssandra, a company cluster).
-    "self-hosted": [
-        "--set", "cassandra.hosts[0]=cassandra.db.svc", "--set", "cassandra.auth.secretName=cassandra-login",
-        "--set", "cassandra.tls.enabled=true", "--set", "cassandra.tls.secretName=cassandra-tls",
-        "--set", "cassandra.tls.clientCertificate=true",
-    ],
-}
 GPU_CASES = {"eks-gpu", "everything"}
-
-
-@pytest.fixture(scope="session")
-def helm() -> Path:
-    """The pinned helm, built once by the project's own installer (a no-op when it is there)."""
-    done = subprocess.run([str(ROOT / "scripts" / "install-k8s-tools.sh"), "helm"], capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return cache_dir() / "bin" / "helm"
-
-
-def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
-
-
-def render(helm: Path, *args: str) -> list[dict]:
-    """Every object `helm template` renders (test hooks included), as dicts."""
-    done = run_helm(helm, "template", "mnist-serve", str(CHART), "--namespace", "serving", "--kube-version", KUBE_VERSION, *args)
-    assert done.returncode == 0, done.stderr
-    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
 
 
 def refused(helm: Path, *args: str) -> str:
@@ -83,12 +38,6 @@ def one(objects: list[dict], kind: str, component: str | None = None) -> dict:
     found = [o for o in objects if o["kind"] == kind and (component is None or o["metadata"]["labels"].get("app.kubernetes.io/component") == component)]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
-
-
-def server_pod(objects: list[dict]) -> dict:
-    """The stable Deployment's pod template (not the canary's)."""
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-canary")]
-    return deployment["spec"]["template"]
 
 
 def server_container(objects: list[dict]) -> dict:

@@ -19,8 +19,7 @@ from kubernetes import client, config, dynamic, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.resource import ResourceList
 
-from test_chart import CHART, KUBE_VERSION
-from test_chart import helm  # noqa: F401 (a fixture)
+from helm_chart import CHART, KUBE_VERSION
 from training.config import cache_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -23,7 +23,6 @@ import pytest
 
 from handler.client import encoded, post
 from handler.server import Ports
-from test_chart import helm  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

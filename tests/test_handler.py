@@ -12,9 +12,9 @@ import torch
 import yaml
 from ts.context import Context, RequestProcessor
 
+from bodies import drawn_seven, encoded, zip_archive
 from handler import inputs
 from handler.mnist_handler import MnistHandler, answer, limits_from, request_body, select_device
-from test_handler_inputs import drawn_seven, encoded, zip_archive
 
 HANDLER_DIR = Path(__file__).resolve().parents[1] / "handler"
 

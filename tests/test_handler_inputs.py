@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
-import struct
 import time
-import zipfile
-import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from bodies import drawn_seven, encoded, png_claiming, zip_archive
 from handler import inputs
 from handler.inputs import BadInput, Limits, TooLarge, UnsupportedContent, decode_request
 
@@ -20,22 +17,6 @@ SAFETY_BOUND_S = 2.0  # refusing a hostile body must be quick; this is a safety 
 
 
 # --- making test digits -------------------------------------------------------------------------
-
-def drawn_seven(size: int = 280, ink=0, paper=255, mode: str = "L", shift=(0, 0)) -> Image.Image:
-    """A thick "7", the way someone draws it on a web canvas: dark ink on white by default."""
-    image = Image.new(mode, (size, size), paper)
-    k = size / 280
-    dx, dy = shift
-    points = [(80 * k + dx, 60 * k + dy), (200 * k + dx, 60 * k + dy), (115 * k + dx, 230 * k + dy)]
-    ImageDraw.Draw(image).line(points, fill=ink, width=max(1, round(22 * k)), joint="curve")
-    return image
-
-
-def encoded(image: Image.Image, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, image_format)
-    return buffer.getvalue()
-
 
 def mnist_style_one() -> np.ndarray:
     """A 28x28 uint8 "1" made the MNIST way by hand: 20 px tall, mass centred on (14, 14)."""
@@ -219,39 +200,6 @@ def test_a_batch_decodes_each_request_on_its_own(seven):
 
 
 # --- bad input ----------------------------------------------------------------------------------
-
-def png_header(width: int, height: int) -> bytes:
-    """The first bytes of a PNG that claims width x height grey pixels: all a reader needs to
-    know the size, and a few bytes of pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 100-byte PNG that claims width x height pixels."""
-    pixels = png_chunk(b"IDAT", zlib.compress(bytes(64)))
-    return png_header(width, height) + pixels + png_chunk(b"IEND", b"")
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-@pytest.fixture(scope="module")
-def zip_bomb_png() -> bytes:
-    """A valid PNG of 10,000 x 10,000 black pixels: ~100 KB that inflates to 100 MB."""
-    compressor = zlib.compressobj(9)
-    row = bytes(10_001)  # filter byte + 10,000 pixels
-    data = b"".join(compressor.compress(row) for _ in range(10_000)) + compressor.flush()
-    return png_header(10_000, 10_000) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
-
-
-def zip_archive() -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("digit.png", encoded(drawn_seven()))
-    return buffer.getvalue()
-
 
 def refused(body, limits: Limits = Limits(), content_type: str = "") -> BadInput:
     started = time.perf_counter()

@@ -11,8 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from test_chart import CASES, KUBE_VERSION, render, server_pod
-from test_chart import helm  # noqa: F401 (a fixture)
+from helm_chart import CASES, KUBE_VERSION, render, server_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

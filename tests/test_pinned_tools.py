@@ -7,8 +7,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "scripts" / "install-k8s-tools.sh"
 SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), *ROOT.glob("k8s/**/*.sh"), *ROOT.glob("docker/*.sh")])
@@ -22,13 +20,6 @@ def with_functions(command: str, cwd: Path, cache: Path) -> subprocess.Completed
     """Run COMMAND with install-k8s-tools.sh's functions loaded (it only defines them when sourced)."""
     env = {**os.environ, "MNIST_SERVE_CACHE": str(cache)}
     return subprocess.run(["bash", "-c", f'source "{INSTALL}"; {command}'], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    done = subprocess.run([str(INSTALL), "helm"], capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr
-    return Path(os.environ.get("MNIST_SERVE_CACHE", Path.home() / ".cache" / "mnist-serve")) / "bin" / "helm"
 
 
 def test_a_binary_built_from_another_version_is_refused_in_one_line(helm, tmp_path):

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bodies import encoded
 from handler.client import parse
 from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
-from test_serve import digits, encoded, known, server  # noqa: F401 (fixtures: one TorchServe for this module)
 from registry import db
 
 MIXED_LOAD_S = 10.0  # at least; on a busy machine longer, until enough malformed requests were answered
@@ -29,7 +29,7 @@ THREADS = 32
 
 @pytest.mark.serve
 @pytest.mark.slow
-def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_each_digit_its_200(server, known):  # noqa: F811
+def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_each_digit_its_200(server, known):
     """For 10 s or more, 32 threads send one malformed body in ten (each kind soak.py mixes in, in turn) among digits
     the model reads right; bad and good requests share batches and workers, and each gets its own answer.
     Each thread keeps its connection open, as wrk and browsers do: on a connection the client closes after

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import ipaddress
 import json
 import os
@@ -21,67 +20,23 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
-from handler.client import Reply, post
-from handler.mnist_handler import BATCH_LOG_ENV
-from handler.server import Ports, Server, start_torchserve
-from test_handler_inputs import png_claiming, zip_archive, zip_bomb_png  # noqa: F401 (zip_bomb_png: a fixture)
+from bodies import encoded, png_claiming, zip_archive
+from handler.client import post
+from handler.server import Ports, Server
+from served import send_all
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
-SAMPLE = 1000  # test digits per input form: at 99.5 % accuracy, 99 % of 1,000 leaves room for chance
 MIN_ACCURACY = 0.99
 BAD_INPUT_BOUND_S = 10.0  # a hostile body must be refused quickly; a safety bound, not a benchmark
 RECOVERY_BOUND_S = 120.0  # a killed worker is replaced (retry after 1 s, then torch import and warm-up)
-CLIENT_THREADS = 16
 
 
-# --- the server ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def server(archive, tmp_path_factory) -> Server:
-    """One TorchServe on free ports for the module (a config.properties copy with those ports), which
-    logs every batch: the batching test reads which requests shared one."""
-    with start_torchserve(archive, tmp_path_factory.mktemp("logs"), Ports.free(), environment={BATCH_LOG_ENV: "1"}) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """A fixed sample of MNIST test digits (28 x 28 uint8) and their labels."""
-    from training.data import load_mnist
-
-    mnist = load_mnist()
-    chosen = np.random.default_rng(0).choice(len(mnist.test_images), SAMPLE, replace=False)
-    return mnist.test_images[chosen], mnist.test_labels[chosen]
-
-
-@pytest.fixture(scope="module")
-def known(server, digits) -> tuple[np.ndarray, np.ndarray]:
-    """64 sample digits the served model reads right as PNGs: tests of routing and
-    recovery compare answers with these, independent of the model's few mistakes."""
-    images, labels = digits
-    replies = send_all(server, [(encoded(image), "image/png") for image in images[:80]])
-    right = [n for n, reply in enumerate(replies) if reply.status == 200 and reply.answer["digit"] == labels[n]]
-    assert len(right) >= 64
-    return images[right[:64]], labels[right[:64]]
-
-
-def encoded(image: np.ndarray, image_format: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, image_format, **({"quality": 90} if image_format == "JPEG" else {}))
-    return buffer.getvalue()
-
+# --- helpers -----------------------------------------------------------------------------------
 
 def as_json(document) -> tuple[bytes, str]:
     return json.dumps(document).encode(), "application/json"
-
-
-def send_all(server: Server, requests: list[tuple[bytes, str]]) -> list[Reply]:
-    """Every (body, content type) POSTed to the prediction URL from several threads; replies in order."""
-    with ThreadPoolExecutor(CLIENT_THREADS) as pool:
-        return list(pool.map(lambda request: post(server.url(), *request), requests))
 
 
 def assert_still_serving(server: Server, known) -> None:
@@ -94,7 +49,7 @@ def assert_still_serving(server: Server, known) -> None:
 
 FORMS = {
     "PNG body": lambda image: (encoded(image), "application/octet-stream"),
-    "JPEG body": lambda image: (encoded(image, "JPEG"), "image/jpeg"),
+    "JPEG body": lambda image: (encoded(image, "JPEG", quality=90), "image/jpeg"),
     "base64 JSON": lambda image: as_json({"data": base64.b64encode(encoded(image)).decode()}),
     "28x28 nested array": lambda image: as_json(image.tolist()),
     "784 flat array": lambda image: as_json(image.ravel().tolist()),
