@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -222,7 +223,13 @@ def test_a_download_survives_the_proxy_going_down_mid_way(astra_local, secrets, 
     while not any(path.stat().st_size > 0 for path in out.glob(".big.mar.*")):  # the first chunks are in
         assert download.poll() is None and time.monotonic() < deadline, download.communicate()
         time.sleep(0.01)
-    astra_local.module.stop_proxy(astra_local.paths)
+    # Paused while the proxy stops, so the cut falls mid-way however fast the rest would have come.
+    download.send_signal(signal.SIGSTOP)
+    try:
+        assert list(out.glob(".big.mar.*")), "the download finished before the proxy could stop"
+        astra_local.module.stop_proxy(astra_local.paths)
+    finally:
+        download.send_signal(signal.SIGCONT)
     time.sleep(2)
     astra_local.module.start_proxy(astra_local.paths)
     stdout, stderr = download.communicate(timeout=120)
