@@ -70,7 +70,7 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
         # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it.
         (java,) = psutil.Process(running.process.pid).children()
         # Its children are the two workers and, every minute, TorchServe's system-metrics collector.
-        workers = [child for child in java.children() if child in running.seen.ran("model_service_worker")]
+        workers = set(java.children()) & set(running.seen.ran("model_service_worker"))
         assert java.name() == "java" and len(workers) == 2, [running.seen.command(child) for child in java.children()]
         listening = {c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
         assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
