@@ -132,7 +132,10 @@ kind-smoke: venv $(MAR) ## kind cluster (node image from package registries): in
 .PHONY: image image-gpu image-with-model image-train bench-image chart-lint cluster-up cluster-down cluster-status kind-smoke
 
 # --- checks -------------------------------------------------------------------------------------
-test: venv ## run every test (unit, Cassandra, TorchServe, chart, cluster)
+lint: venv ## ruff (lint, format) on the Python and shellcheck on the shell scripts; `scripts/lint.sh --fix` applies ruff's
+	scripts/lint.sh
+
+test: venv lint ## lint, then every test (unit, Cassandra, TorchServe, chart, cluster)
 	$(PY) -m pytest
 
 test-busy: venv ## the process-heavy tests beside a CPU hog on every core (TESTS="tests/test_demo.py" to choose)
@@ -141,4 +144,4 @@ test-busy: venv ## the process-heavy tests beside a CPU hog on every core (TESTS
 clean: ## remove artifacts/ (caches outside the checkout stay)
 	rm -rf $(ARTIFACTS)
 
-.PHONY: help venv lock train test test-busy clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db
+.PHONY: help venv lock train lint test test-busy clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db

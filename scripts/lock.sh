@@ -23,7 +23,7 @@ trap 'rm -rf "$work"' EXIT
 "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check "pip==$PIP_VERSION"
 # --ignore-installed: list every package, including those the new venv happens to ship.
 "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed \
-  --report "$work/report.json" -e "$ROOT[dev]"
+  --report "$work/report.json" -e "${ROOT}[dev]"
 
 "$PYTHON" - "$work/report.json" "$ROOT" "$PIP_VERSION" <<'EOF'
 import json, platform, re, sys

@@ -20,7 +20,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/k8s/kind"
 CACHE="${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}"
 BIN="$CACHE/bin"
-# shellcheck source=../../scripts/versions.env
+# shellcheck source=SCRIPTDIR/../../scripts/versions.env
 source "$ROOT/scripts/versions.env"
 SUITE=bookworm
 PACKAGES=systemd,systemd-sysv,dbus,conntrack,iptables,ipset,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,pigz,fuse-overlayfs,bash,ca-certificates,curl,jq,procps,containerd,runc,containernetworking-plugins,e2fsprogs
@@ -187,7 +187,8 @@ EOF
 containerd_pid=$!
 for _ in $(seq 30); do [[ -S "$work/containerd.sock" ]] && break; sleep 0.5; done
 step_log ctr-import "$rootfs/usr/bin/ctr" --address "$work/containerd.sock" --namespace k8s.io images import --no-unpack --digests "$work/images.tar"
-kill "$containerd_pid" && wait "$containerd_pid" 2>/dev/null || true
+kill "$containerd_pid" || true
+wait "$containerd_pid" 2>/dev/null || true
 containerd_pid=""
 rm -f "$work/images.tar"
 
