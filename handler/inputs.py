@@ -51,8 +51,8 @@ FORM_URLENCODED = "application/x-www-form-urlencoded"
 
 
 # Pillow warns above its own 89 Mpx bomb limit; ours is lower and checked after the header is read.
-# Set once here: a catch_warnings() block per image reset the warning registry on every request,
-# so any other once-only warning in the process was printed again for each request.
+# Set once here: a catch_warnings() block per image would reset the warning registry on every request,
+# and print any other once-only warning of the process again for each request.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 

@@ -205,8 +205,8 @@ def pytest_collection_finish(session):
 def low_priority(command: list[str], output) -> subprocess.Popen:
     """`command` at nice 15, in a process group of its own (killed as one) but in the tests' session: the
     kernel shares the CPU fairly between sessions (autogroups) whatever their nice values, so in a session of
-    its own the build took a whole core from the tests (the reference model's training, whose two threads
-    wait for each other, went from 2 to over 17 minutes)."""
+    its own the build would take a whole core from the tests, and training whose two threads wait for each
+    other would crawl."""
     return subprocess.Popen(["nice", "-n", "15", *command], stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             process_group=0)
 
