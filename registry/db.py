@@ -194,7 +194,7 @@ def token_ranges(count: int) -> list[tuple[int, int]]:
         raise ValueError(f"need at least one token range, got {count}")
     width = (MAX_TOKEN - MIN_TOKEN) // count
     bounds = [MIN_TOKEN + i * width for i in range(count)] + [MAX_TOKEN]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def default_range_count() -> int:

@@ -2,6 +2,7 @@
 ranges: no database needed."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import ssl
@@ -79,7 +80,10 @@ def test_the_token_never_appears_in_messages(tmp_path):
 def certificates(tmp_path_factory) -> dict[str, Path]:
     """A CA and a client certificate signed by it, from openssl (as a cluster's operator would make them)."""
     folder = tmp_path_factory.mktemp("pki")
-    run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
     run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
         "-subj", "/CN=test CA", "-days", "1")
     run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client")
@@ -164,7 +168,7 @@ def test_token_ranges_cover_the_ring_once(count):
     ranges = db.token_ranges(count)
     assert len(ranges) == count
     assert ranges[0][0] == db.MIN_TOKEN and ranges[-1][1] == db.MAX_TOKEN
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in itertools.pairwise(ranges):
         assert end == start  # (a, b] then (b, c]: no gap, no overlap
     widths = [end - start for start, end in ranges]
     assert max(widths) - min(widths) <= count  # the remainder of the division lands in the last one

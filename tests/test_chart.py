@@ -82,7 +82,9 @@ def test_every_object_is_valid_against_the_kubernetes_schemas(case):
 
 
 def test_what_each_values_file_creates(helm):
-    kinds = lambda objects: sorted(o["kind"] for o in objects)
+    def kinds(objects):
+        return sorted(o["kind"] for o in objects)
+
     assert kinds(render(helm)) == ["ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "Pod", "PodDisruptionBudget", "Service", "ServiceAccount"]
     assert "PodDisruptionBudget" not in kinds(render(helm, *CASES["kind"]))
     assert kinds(render(helm, *CASES["eks-gpu"])).count("HorizontalPodAutoscaler") == 1

@@ -357,7 +357,10 @@ def test_a_build_removes_the_images_it_supersedes_and_no_one_elses(engine, image
     ours, theirs = untagged("mnist-serve"), untagged("someone-else")
     _, said = build("cpu")
     assert re.search(r"^build\.sh: superseded mnist-serve images removed: \S+ freed$", said, re.MULTILINE), said
-    exists = lambda image_id: docker("image", "inspect", image_id, check=False).returncode == 0
+
+    def exists(image_id):
+        return docker("image", "inspect", image_id, check=False).returncode == 0
+
     assert not exists(ours) and exists(theirs)
     docker("image", "rm", theirs)
 

@@ -14,6 +14,7 @@ from handler import inputs
 from handler.inputs import BadInput, Limits, TooLarge, UnsupportedContent, decode_request
 
 SAFETY_BOUND_S = 2.0  # refusing a hostile body must be quick; this is a safety bound, not a benchmark
+DEFAULT_LIMITS = Limits()
 
 
 # --- making test digits -------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def same_digit(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
     return min(np.abs(np.roll(a, shift, axis=(0, 1)) - b).mean() for shift in shifts) < tolerance
 
 
-def one_image(body, limits: Limits = Limits()) -> np.ndarray:
+def one_image(body, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     decoded = decode_request(body, limits)
     assert decoded.images.shape == (1, 28, 28) and decoded.instances is False
     return decoded.images[0]
@@ -201,7 +202,7 @@ def test_a_batch_decodes_each_request_on_its_own(seven):
 
 # --- bad input ----------------------------------------------------------------------------------
 
-def refused(body, limits: Limits = Limits(), content_type: str = "") -> BadInput:
+def refused(body, limits: Limits = DEFAULT_LIMITS, content_type: str = "") -> BadInput:
     started = time.perf_counter()
     with pytest.raises(BadInput) as caught:
         decode_request(body, limits, content_type)

@@ -2,6 +2,7 @@
 and no script asks go, Maven or apt for whatever is newest."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -43,7 +44,7 @@ def test_every_go_get_and_install_names_its_version():
     for script in SCRIPTS:
         for number, line in enumerate(script.read_text().splitlines(), 1):
             words = line.split()
-            for i, (a, b) in enumerate(zip(words, words[1:])):
+            for i, (a, b) in enumerate(itertools.pairwise(words)):
                 if a in ("go", "go_nice") and b in ("get", "install"):
                     arguments = words[i + 2:]
                     unversioned = [w for w in arguments if re.match(r'"?[a-z0-9.-]+\.[a-z]+/', w) and "@" not in w]

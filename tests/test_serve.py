@@ -1,6 +1,7 @@
 """The archive served by a real TorchServe: every input form, bad input, a killed worker, health, metrics and the locked management API."""
 from __future__ import annotations
 
+import functools
 import base64
 import ipaddress
 import json
@@ -169,15 +170,15 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(server, kn
     good = [(encoded(image), "image/png") for image in images[:24]]
     bad = [(b"", "application/octet-stream"), (b"seven", "text/plain"), (json.dumps([0] * 783).encode(), "application/json")] * 3
     requests = good + bad
-    for attempt in range(5):  # concurrency gives no guarantee of a shared batch; try a few times
+
+    def send(gate, request):
+        gate.wait()  # all at once, so they reach the frontend within one batch delay
+        return post(server.url(), *request)
+
+    for _ in range(5):  # concurrency gives no guarantee of a shared batch; try a few times
         gate = threading.Barrier(len(requests))
-
-        def send(request):
-            gate.wait()  # all at once, so they reach the frontend within one batch delay
-            return post(server.url(), *request)
-
         with ThreadPoolExecutor(len(requests)) as pool:
-            replies = list(pool.map(send, requests))
+            replies = list(pool.map(functools.partial(send, gate), requests))
         good_replies, bad_replies = replies[: len(good)], replies[len(good) :]
         assert [(reply.status, reply.answer["digit"]) for reply in good_replies] == [(200, label) for label in labels[:24]]
         assert [reply.status for reply in bad_replies] == [400, 415, 400] * 3

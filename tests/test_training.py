@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from training import job
 from training.cli import main
 from training.data import load_mnist
 from training.train import TrainConfig, train
@@ -32,7 +31,7 @@ def test_smoke_run_learns(mnist):
 def test_same_seed_same_model(mnist):
     config = TrainConfig(**{**SMOKE, "epochs": 1})
     a, b = train(mnist, config), train(mnist, config)
-    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
     assert a.history[0].val_accuracy == b.history[0].val_accuracy
 
@@ -44,7 +43,7 @@ def test_resume_continues_where_the_checkpoint_stopped(mnist, tmp_path):
     train(mnist, config, on_epoch=lambda s: checkpoints.append(copy.deepcopy(s.checkpoint(config))) if s.epoch == 1 else None)
     resumed = train(mnist, config, resume=checkpoints[0])
     assert [h.epoch for h in resumed.history] == [1, 2]
-    for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+    for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
 

@@ -57,7 +57,7 @@ class BlobLayout(Layout):
         # which is what makes loading fast (Cassandra applies no batch size limit to those).
         buckets = ids // BUCKET_SIZE
         starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], len(ids)]):
+        for start, end in zip(starts, np.r_[starts[1:], len(ids)], strict=True):
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)
             for i in range(start, end):
                 batch.add(insert, (int(buckets[i]), int(ids[i]), int(labels[i]), images[i].tobytes()))
@@ -110,7 +110,7 @@ def read_images(session: Session, layout: Layout, split: str, ranges: int | None
     )
     if not rows:
         return Images(table, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 28, 28), np.uint8))
-    ids, labels, pixels = zip(*rows)
+    ids, labels, pixels = zip(*rows, strict=True)
     order = np.argsort(np.array(ids, dtype=np.int64), kind="stable")
     ids = np.array(ids, dtype=np.int64)[order]
     labels = np.array([-1 if label is None else label for label in labels], dtype=np.int64)[order]

@@ -85,7 +85,7 @@ def predict_table(session: Session, layout: Layout, model_name: str, batch_size:
     now = datetime.now(timezone.utc)
     statements = (
         (insert, (rows.table, int(i), version.version, int(d), float(c), None if label < 0 else int(label), now), 1)
-        for i, d, c, label in zip(rows.ids, digits, confidences, rows.labels)
+        for i, d, c, label in zip(rows.ids, digits, confidences, rows.labels, strict=True)
     )
     with tqdm(total=len(rows.ids), desc="writing predictions", unit=" rows", file=sys.stderr, disable=None, leave=False) as bar:
         db.execute_windowed(session, statements, WRITE_WINDOW, on_done=bar.update)

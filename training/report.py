@@ -16,7 +16,10 @@ import torch  # noqa: E402
 from training.train import EpochResult  # noqa: E402
 
 
-def git_commit(root: Path = Path(__file__).resolve().parent.parent) -> str:
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = CHECKOUT) -> str:
     """The commit the code came from, '-dirty' when it had uncommitted changes. Outside git (the training
     image has no .git): MNIST_SERVE_GIT_COMMIT, which the image's build sets, else 'unknown'."""
     def git(*args: str) -> str:
