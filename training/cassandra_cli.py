@@ -37,13 +37,18 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def database_command(commands: argparse._SubParsersAction, name: str, summary: str, description: str):
+    """A subcommand that talks to the database: its --help ends with the connection settings it reads."""
+    return commands.add_parser(
+        name, help=summary, description=description, formatter_class=HelpFormatter, epilog=SETTINGS_HELP
+    )
+
+
 def add_commands(commands: argparse._SubParsersAction, positive_int) -> None:
-    kwargs = {"formatter_class": HelpFormatter, "epilog": SETTINGS_HELP}
-    load_data = commands.add_parser(
-        "load-data", help="load MNIST into the database tables (idempotent), then check the counts",
-        description="Write the 60,000 training and 10,000 test images into the tables of a layout with concurrent "
+    load_data = database_command(
+        commands, "load-data", "load MNIST into the database tables (idempotent), then check the counts",
+        "Write the 60,000 training and 10,000 test images into the tables of a layout with concurrent "
         "prepared statements, then read the ids back to check every row arrived. Running it again rewrites the same rows.",
-        **kwargs,
     )
     add_layout(load_data)
     load_data.add_argument("--limit", type=positive_int, help="only the first N images of each split (quick trials)")
@@ -51,23 +56,21 @@ def add_commands(commands: argparse._SubParsersAction, positive_int) -> None:
     load_data.add_argument("--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)")
     load_data.set_defaults(run=run_load_data)
 
-    bench = commands.add_parser(
-        "bench-db", help="load and read speed of both layouts side by side, with the targets",
-        description="Load MNIST into both layouts and read it back as training does; prints rows/s and seconds "
+    bench = database_command(
+        commands, "bench-db", "load and read speed of both layouts side by side, with the targets",
+        "Load MNIST into both layouts and read it back as training does; prints rows/s and seconds "
         "beside the targets (load >= 10,000 rows/s, read <= 10 s). Uses its own keyspace, so the data of "
         "CASSANDRA_KEYSPACE is never touched.",
-        **kwargs,
     )
     bench.add_argument("--keyspace", default="mnist_bench", help="keyspace to load (created on a local node; on Astra it must exist)")
     bench.add_argument("--limit", type=positive_int, help="only the first N images of each split")
     bench.set_defaults(run=run_bench_db)
 
-    predict = commands.add_parser(
-        "predict-table", help="score the predict table's rows with a registered model, write the predictions",
-        description="Download a model version from the registry, run its TorchScript model.pt on every row of the "
+    predict = database_command(
+        commands, "predict-table", "score the predict table's rows with a registered model, write the predictions",
+        "Download a model version from the registry, run its TorchScript model.pt on every row of the "
         "predict table (predict_images, or raw_predict with --layout notebook) and write digit, confidence "
         "and model version of each into the predictions table.",
-        **kwargs,
     )
     predict.add_argument("--model", default="production", help="registry version or alias")
     add_layout(predict)
