@@ -1,4 +1,4 @@
-"""The invariants behind `make soak` (handler/soak.py prints the figures): under concurrent mixed traffic
+"""The invariants behind `make soak` (bench/soak.py prints the figures): under concurrent mixed traffic
 every malformed request gets its 4xx and every digit its 200; the model registry through a real database
 restart, on a Cassandra node of the test's own (other ports and directories, so the shared node other tests
 use keeps running): a download with the node down retries and then fails in one line, a download across the
@@ -17,7 +17,7 @@ import pytest
 
 from bodies import encoded
 from handler.client import parse
-from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
+from bench.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
 from registry import db
 
 MIXED_LOAD_S = 10.0  # at least; on a busy machine longer, until enough malformed requests were answered

@@ -217,7 +217,7 @@ def kserve_peer(model: Path, workers: int, log: Path) -> Iterator[Contender]:
     ports = Ports.free()  # distinct ports for its HTTP and gRPC listeners
     port, grpc_port = ports.inference, ports.grpc_inference
     command = [
-        str(venv / "bin" / "python"), "-m", "handler.kserve_peer", "--model", str(model),
+        str(venv / "bin" / "python"), "-m", "bench.kserve_peer", "--model", str(model),
         "--http_port", str(port), "--grpc_port", str(grpc_port), "--workers", str(workers),
         # gRPC off and no latency line per request: what a REST deployment of it would run.
         "--enable_grpc", "false", "--enable_latency_logging", "false",
@@ -333,7 +333,7 @@ def print_targets(ours: Contender, peer: Contender, forward_rate: float, levels:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m handler.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__)
     parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"), help="model archive (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load level, per server and round (default: %(default)s)")
     parser.add_argument("--connections", type=lambda text: [int(n) for n in text.split(",")], default=list(LEVELS), help="load levels (default: 1,16,64)")

@@ -1,6 +1,6 @@
--- wrk script for `make soak` (handler/soak.py): POST real digit PNGs and, every BAD_EVERY-th request, a
+-- wrk script for `make soak` (bench/soak.py): POST real digit PNGs and, every BAD_EVERY-th request, a
 -- malformed body instead; count each answer against the kind of request it answers, per kind and per second.
--- Usage: wrk -t64 -c64 -d60s -s handler/wrk_soak.lua URL -- BAD_EVERY digit.png ... KIND|CONTENT-TYPE|PATH ...
+-- Usage: wrk -t64 -c64 -d60s -s bench/wrk_soak.lua URL -- BAD_EVERY digit.png ... KIND|CONTENT-TYPE|PATH ...
 -- Digits go as image/png; each KIND|CONTENT-TYPE|PATH is a malformed body of that kind.
 --
 -- Run it with one connection per thread (-t equal to -c): wrk's response() does not say which request it

@@ -1,5 +1,5 @@
 -- wrk script: POST the files named after `--` in turn (one per request), and print the run as one JSON line.
--- Usage: wrk -t2 -c64 -d15s -s handler/wrk_post.lua http://127.0.0.1:8080/predictions/mnist -- a.png b.png ...
+-- Usage: wrk -t2 -c64 -d15s -s bench/wrk_post.lua http://127.0.0.1:8080/predictions/mnist -- a.png b.png ...
 
 local requests = {}
 local next_index = 0

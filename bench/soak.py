@@ -1,7 +1,7 @@
 """make soak: the served model under sustained load with malformed requests mixed in and a worker killed
 under that load, then the model registry through a database restart; prints the figures beside the targets.
 
-Load: one TorchServe on free loopback ports; wrk at 64 connections (one per wrk thread, so handler/wrk_soak.lua
+Load: one TorchServe on free loopback ports; wrk at 64 connections (one per wrk thread, so bench/wrk_soak.lua
 can match each answer to its request), run once per minute back to back, so p99 is measured per minute (the
 connections are opened anew each minute). One request in ten carries a malformed body, each kind in turn.
 In the middle minute one worker is killed with SIGKILL. Memory (RSS) of the frontend and of every worker is
@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from handler.bench import MemoryPeaks, digit_images, load_line, verdict, write_pngs
+from bench.serve import MemoryPeaks, digit_images, load_line, verdict, write_pngs
 from handler.client import encoded
 from handler.server import Ports, Server, start_torchserve
 
@@ -369,7 +369,7 @@ def out_of_time(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m handler.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"), help="model archive (default: %(default)s)")
     parser.add_argument("--metrics", type=Path, default=Path("artifacts/metrics.json"), help="its metrics.json, for the registry phase (default: %(default)s)")
     parser.add_argument("--minutes", type=int, default=5, help="minutes of load (default: %(default)s)")
