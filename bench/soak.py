@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -33,6 +32,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.big_archive import big_archive
 from bench.serve import MemoryPeaks, digit_images, load_line, verdict, write_pngs
 from handler.client import encoded
 from handler.server import Ports, Server, start_torchserve
@@ -261,16 +261,6 @@ class RestartFigures:
     interrupted_error: str
     listed_after_interruption: subprocess.CompletedProcess  # mnist-registry list
     republished: subprocess.CompletedProcess
-
-
-def big_archive(path: Path, megabytes: int) -> Path:
-    """A valid .mar (a zip with TorchServe's manifest) holding incompressible bytes, so a publish takes many chunks."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "mnist", "serializedFile": "model.pt"}}))
-        with archive.open("model.pt", "w") as member:
-            for start in range(0, megabytes, 8):  # 8 MiB at a time: a big one never sits in memory whole
-                member.write(os.urandom(min(8, megabytes - start) << 20))
-    return path
 
 
 def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path, metrics: Path, work: Path, retry_s: float = 6) -> RestartFigures:
