@@ -87,10 +87,10 @@ predict: venv ## print the digit the running server reads in IMAGE: make predict
 	$(PY) -m handler.client $(IMAGE)
 
 bench-serve: $(MAR) ## load-test the server (wrk, 1/16/64 connections) against in-process TorchScript
-	scripts/with-wrk.sh $(PY) -m handler.bench --archive $(MAR)
+	scripts/with-wrk.sh $(PY) -m bench.serve --archive $(MAR)
 
 soak: $(MAR) ## 5 min at 64 connections with 10 % malformed requests and a worker kill, then the registry through a database restart
-	scripts/with-wrk.sh $(PY) -m handler.soak --archive $(MAR) --metrics $(ARTIFACTS)/metrics.json $(SOAK_FLAGS)
+	scripts/with-wrk.sh $(PY) -m bench.soak --archive $(MAR) --metrics $(ARTIFACTS)/metrics.json $(SOAK_FLAGS)
 
 publish: $(MAR) cassandra-up ## archive and record it in the model registry (mnist-registry publish)
 	$(VENV)/bin/mnist-registry publish $(MAR) --metrics $(ARTIFACTS)/metrics.json

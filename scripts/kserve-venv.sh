@@ -2,9 +2,9 @@
 # The benchmark's peer, KServe's Python model server, in a venv of its own under the cache, made from
 # scripts/kserve.lock (make lock writes it) and never part of the serving image. Prints the venv's path.
 #
-#   scripts/kserve-venv.sh        (handler/bench.py runs it; a second run reuses the venv)
+#   scripts/kserve-venv.sh        (bench/serve.py runs it; a second run reuses the venv)
 #
-# torch is not installed there (5 GB with its CUDA libraries): handler/kserve_peer.py takes it from
+# torch is not installed there (5 GB with its CUDA libraries): bench/kserve_peer.py takes it from
 # the project venv, after the peer's own packages (KServe pins versions the project's lock does not).
 set -o errexit -o nounset -o pipefail
 

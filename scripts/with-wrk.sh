@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a load test that needs wrk: installs wrk (Debian package) when missing, then runs the command given.
-# Usage: scripts/with-wrk.sh .venv/bin/python -m handler.bench --seconds 15   (make bench-serve, make soak)
+# Usage: scripts/with-wrk.sh .venv/bin/python -m bench.serve --seconds 15   (make bench-serve, make soak)
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

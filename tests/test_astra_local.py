@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from entrypoint_pod import READY_S, Running, post_digit
-from handler.soak import big_archive
+from bench.big_archive import big_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.cassandra]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.bench import kserve_peer
+from bench.serve import kserve_peer
 from handler.client import encoded, post
 from handler.server import Ports, start_torchserve
 from reference_model import reference_model_dir
@@ -42,7 +42,7 @@ def test_the_peer_answers_every_digit_exactly_as_we_do(archive, mnist, tmp_path)
 
 def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archive, tmp_path):
     done = subprocess.run(
-        [str(ROOT / "scripts" / "with-wrk.sh"), sys.executable, "-m", "handler.bench", "--archive", str(archive),
+        [str(ROOT / "scripts" / "with-wrk.sh"), sys.executable, "-m", "bench.serve", "--archive", str(archive),
          "--seconds", "1", "--connections", "1,4", "--peer-workers", "1", "--logs", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

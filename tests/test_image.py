@@ -179,6 +179,19 @@ def test_the_serving_image_copies_no_training_code():
     assert "training/" in copied("train")
 
 
+def test_the_serving_image_holds_no_benchmark_code():
+    """The load tests (bench/: the benchmark, the soak, their KServe peer and wrk scripts) run from the checkout only:
+    the build context leaves bench/ out, and no file the image takes from handler/ is a wrk script or imports bench or
+    KServe."""
+    assert not dockerignore_allows("bench/serve.py") and not dockerignore_allows("bench/wrk_post.lua")
+    shipped = [path for path in (ROOT / "handler").rglob("*")
+               if path.is_file() and dockerignore_allows(path.relative_to(ROOT).as_posix())]
+    assert any(path.name == "mnist_handler.py" for path in shipped)
+    load_test_import = re.compile(r"^\s*(from|import)\s+(bench|kserve)\b", re.MULTILINE)
+    assert [path.name for path in shipped
+            if path.suffix == ".lua" or load_test_import.search(path.read_text(errors="replace"))] == []
+
+
 def test_base_images_are_pinned_to_exact_versions():
     defaults = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", defaults["PYTHON_IMAGE"])

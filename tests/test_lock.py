@@ -39,7 +39,7 @@ def test_every_line_of_the_lock_is_one_exact_pin(lock):
 
 
 def test_the_benchmark_peer_decodes_with_our_libraries_at_the_version_it_names():
-    from handler.bench import KSERVE_VERSION
+    from bench.serve import KSERVE_VERSION
 
     peer, ours = pins(ROOT / "scripts" / "kserve.lock"), pins(ROOT / "requirements.lock")
     assert peer["kserve"] == KSERVE_VERSION

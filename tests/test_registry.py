@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from conftest import ROOT, run_cli
 
-from handler.soak import big_archive
+from bench.big_archive import big_archive
 
 from registry.store import (
     AliasInUse, CorruptArchive, DuplicateVersion, MissingChunk, Registry, VersionNotFound, read_metrics,

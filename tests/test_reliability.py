@@ -1,4 +1,4 @@
-"""The invariants behind `make soak` (handler/soak.py prints the figures): under concurrent mixed traffic
+"""The invariants behind `make soak` (bench/soak.py prints the figures): under concurrent mixed traffic
 every malformed request gets its 4xx and every digit its 200; the model registry through a real database
 restart, on a Cassandra node of the test's own (other ports and directories, so the shared node other tests
 use keeps running): a download with the node down retries and then fails in one line, a download across the
@@ -8,17 +8,22 @@ from __future__ import annotations
 import http.client
 import itertools
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import ROOT
 
+from bench.soak import listed_versions, malformed, registry_through_a_restart
 from bodies import encoded
 from handler.client import parse
-from handler.soak import listed_versions, malformed, registry_through_a_restart, scratch_node
 from registry import db
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from cassandra_node import scratch_node  # noqa: E402 (scripts/cassandra_node.py)
 
 MIXED_LOAD_S = 10.0  # at least; on a busy machine longer, until enough malformed requests were answered
 MIXED_LOAD_MAX_S = 120.0

@@ -1,11 +1,11 @@
 """The peer make bench-serve measures us against: KServe's Python model server running the same
 TorchScript model with the same decoding (handler/inputs.py) and the same answer JSON.
 
-Run only by handler/bench.py, with the peer's own venv (scripts/kserve-venv.sh), never in the
+Run only by bench/serve.py, with the peer's own venv (scripts/kserve-venv.sh), never in the
 serving image. KServe's own flags pass through:
 
     PROJECT_SITE_PACKAGES=.venv/lib/python3.11/site-packages \
-    PEER_VENV/bin/python -m handler.kserve_peer --model model.pt --http_port 8090 --workers 2
+    PEER_VENV/bin/python -m bench.kserve_peer --model model.pt --http_port 8090 --workers 2
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import site
 
 # torch (and the rest of what the handler imports) from the project venv, whose site-packages
-# handler/bench.py names here: added after the peer's own, so KServe keeps the versions it pinned.
+# bench/serve.py names here: added after the peer's own, so KServe keeps the versions it pinned.
 site.addsitedir(os.environ["PROJECT_SITE_PACKAGES"])
 
 import kserve  # noqa: E402 (after the path is set)

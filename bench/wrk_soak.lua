@@ -1,6 +1,6 @@
--- wrk script for `make soak` (handler/soak.py): POST real digit PNGs and, every BAD_EVERY-th request, a
+-- wrk script for `make soak` (bench/soak.py): POST real digit PNGs and, every BAD_EVERY-th request, a
 -- malformed body instead; count each answer against the kind of request it answers, per kind and per second.
--- Usage: wrk -t64 -c64 -d60s -s handler/wrk_soak.lua URL -- BAD_EVERY digit.png ... KIND|CONTENT-TYPE|PATH ...
+-- Usage: wrk -t64 -c64 -d60s -s bench/wrk_soak.lua URL -- BAD_EVERY digit.png ... KIND|CONTENT-TYPE|PATH ...
 -- Digits go as image/png; each KIND|CONTENT-TYPE|PATH is a malformed body of that kind.
 --
 -- Run it with one connection per thread (-t equal to -c): wrk's response() does not say which request it
@@ -38,7 +38,8 @@ function init(args)
     local request = wrk.format("POST", nil, {["Content-Type"] = content_type or "image/png"}, read(path or args[i]))
     if kind then bad[#bad + 1] = {kind = kind, request = request} else good[#good + 1] = request end
   end
-  assert(#good > 0 and #bad > 0 and bad_every and bad_every > 1, "usage: -- BAD_EVERY digit.png... KIND|CONTENT-TYPE|PATH...")
+  assert(#good > 0 and #bad > 0 and bad_every and bad_every > 1,
+         "usage: -- BAD_EVERY digit.png... KIND|CONTENT-TYPE|PATH...")
   sent = id * 7  -- threads start at different digits and kinds
   pending, last = nil, nil  -- the kind of the request on the connection, until its answer, and the request
   counts, ok_per_second, failed_per_second, resent = {}, {}, {}, 0
@@ -95,7 +96,9 @@ function done(summary, latency, _)
   local errors = summary.errors
   io.write(string.format(
     '{"requests": %d, "seconds": %.6f, "p50_ms": %.3f, "p99_ms": %.3f, "max_ms": %.3f, '
-      .. '"connect": %d, "read": %d, "write": %d, "timeout": %d, "resent": %d, "counts": %s, "ok_per_second": %s, "failed_per_second": %s}\n',
-    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3,
-    errors.connect, errors.read, errors.write, errors.timeout, resent, json_object(counts), json_object(ok), json_object(failed)))
+      .. '"connect": %d, "read": %d, "write": %d, "timeout": %d, "resent": %d, '
+      .. '"counts": %s, "ok_per_second": %s, "failed_per_second": %s}\n',
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
+    latency.max / 1e3, errors.connect, errors.read, errors.write, errors.timeout, resent,
+    json_object(counts), json_object(ok), json_object(failed)))
 end

@@ -1,5 +1,5 @@
 -- wrk script: POST the files named after `--` in turn (one per request), and print the run as one JSON line.
--- Usage: wrk -t2 -c64 -d15s -s handler/wrk_post.lua http://127.0.0.1:8080/predictions/mnist -- a.png b.png ...
+-- Usage: wrk -t2 -c64 -d15s -s bench/wrk_post.lua http://127.0.0.1:8080/predictions/mnist -- a.png b.png ...
 
 local requests = {}
 local next_index = 0
@@ -33,7 +33,8 @@ end
 function done(summary, latency, _)
   local errors = summary.errors
   io.write(string.format(
-    '{"requests": %d, "seconds": %.6f, "p50_ms": %.3f, "p99_ms": %.3f, "connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
+    '{"requests": %d, "seconds": %.6f, "p50_ms": %.3f, "p99_ms": %.3f, '
+      .. '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
     summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
     errors.connect, errors.read, errors.write, errors.status, errors.timeout))
 end
