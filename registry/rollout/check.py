@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from registry.rollout.errors import RolloutFailed
-from registry.rollout.pod_http import post
+from registry.rollout.pod_http import pod_request
 from registry.store import ModelVersion
 
 CHECK_DIGITS = Path(__file__).parent.parent / "check-digits.npz"  # the first 100 MNIST test digits and their labels
@@ -33,7 +33,7 @@ def check_pod(core, pod, version: ModelVersion) -> str:
         chunk = images[start:start + PER_REQUEST]
         body = json.dumps({"instances": chunk.tolist()}).encode()
         try:
-            status, headers, answer = post(core, pod, "/predictions/mnist", body)
+            status, headers, answer = pod_request(core, pod, "/predictions/mnist", body)
         except (OSError, http.client.HTTPException) as error:
             raise RolloutFailed(f"pod {pod.metadata.name} did not answer: {error}") from None
         if status != 200:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import http.client
 
 
-def post(core, pod, path: str, body: bytes | None, port: int = 8080) -> tuple[int, dict[str, str], bytes]:
-    """An HTTP request to PORT of the pod through a port-forward: (status, headers, body)."""
+def pod_request(core, pod, path: str, body: bytes | None, port: int = 8080) -> tuple[int, dict[str, str], bytes]:
+    """POST BODY (JSON) to PATH on PORT of the pod, or GET it when BODY is None: (status, headers, body)."""
     from kubernetes.stream import portforward
 
     forward = portforward(core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace,

@@ -7,7 +7,7 @@ import re
 from registry.rollout.canary import canary_place
 from registry.rollout.deployment import Place, Report, env_value, find, read, selector_of
 from registry.rollout.kube import clients
-from registry.rollout.pod_http import post
+from registry.rollout.pod_http import pod_request
 
 
 def answers_per_version(apps, core, place: Place) -> dict[str, tuple[int, int]]:
@@ -21,7 +21,7 @@ def answers_per_version(apps, core, place: Place) -> dict[str, tuple[int, int]]:
         for pod in core.list_namespaced_pod(place.namespace, label_selector=selector).items:
             if not any(status.ready for status in pod.status.container_statuses or []):
                 continue
-            _, _, text = post(core, pod, "/metrics", None, port=8082)
+            _, _, text = pod_request(core, pod, "/metrics", None, port=8082)
             counters = re.findall(r"^ts_inference_requests_total\{[^}]*\} (\S+)$", text.decode(), re.MULTILINE)
             answered = sum(float(value) for value in counters)
             pods, total = counts.get(version, (0, 0))
