@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from registry.rollout.check import check_pod
-from registry.rollout.deployment import (CONTAINER, POLL_S, SHA256_ANNOTATION, TRACK, VERSION_ANNOTATION, Place, Report,
-                                         env_value, find, read, selector_of, wait_rolled_out)
+from registry.rollout.deployment import (CONTAINER, POLL_S, TRACK, Place, Report, env_value, find, read, selector_of,
+                                         version_annotations, wait_rolled_out)
 from registry.rollout.errors import RolloutError, RolloutFailed
 from registry.rollout.kube import api_error, clients
 from registry.rollout.roll import promote, serving_version
@@ -29,8 +29,7 @@ def canary_spec(stable, version: ModelVersion, replicas: int) -> dict:
     spec["selector"]["matchLabels"][TRACK] = "canary"
     spec["template"]["metadata"].setdefault("labels", {})[TRACK] = "canary"
     spec["template"]["metadata"]["annotations"] = {**(spec["template"]["metadata"].get("annotations") or {}),
-                                                  VERSION_ANNOTATION: version.version,
-                                                  SHA256_ANNOTATION: version.sha256[:12]}
+                                                  **version_annotations(version)}
     for container in spec["template"]["spec"]["containers"]:
         if container["name"] == CONTAINER:
             container["env"] = [item for item in container.get("env", []) if item["name"] != "MODEL_VERSION"] + \

@@ -42,10 +42,15 @@ def env_value(deployment, name: str) -> str | None:
     return next((item.value for item in container_of(deployment).env or [] if item.name == name), None)
 
 
+def version_annotations(version: ModelVersion) -> dict:
+    """The pod annotations that name the version a pod serves."""
+    return {VERSION_ANNOTATION: version.version, SHA256_ANNOTATION: version.sha256[:12]}
+
+
 def pin(version: ModelVersion) -> dict:
     """The pod-template patch that pins the pods to VERSION (a strategic merge: the env entry by name)."""
     return {"spec": {"template": {
-        "metadata": {"annotations": {VERSION_ANNOTATION: version.version, SHA256_ANNOTATION: version.sha256[:12]}},
+        "metadata": {"annotations": version_annotations(version)},
         "spec": {"containers": [{"name": CONTAINER, "env": [{"name": "MODEL_VERSION", "value": version.version}]}]},
     }}}
 
