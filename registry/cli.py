@@ -80,9 +80,9 @@ def download(registry: Registry, args: argparse.Namespace) -> None:
 
 def promote(registry: Registry, args: argparse.Namespace) -> None:
     if args.rollout:
-        from registry import rollout
+        from registry.rollout import roll
 
-        version = rollout.promote(registry, args.version, args.alias, place(args), args.timeout, say)
+        version = roll.promote(registry, args.version, args.alias, place(args), args.timeout, say)
         print(f"{args.alias} -> version {version.version}, served by every pod of {place(args)}")
         return
     version, previous = registry.promote(args.version, args.alias)
@@ -91,17 +91,18 @@ def promote(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def canary(registry: Registry | None, args: argparse.Namespace) -> None:
-    from registry import rollout
+    from registry.rollout.canary import canary_abort, canary_promote, canary_start
+    from registry.rollout.traffic import canary_status
 
     if args.action == "start":
-        rollout.canary_start(registry, args.version, place(args), args.replicas, args.timeout, say)
+        canary_start(registry, args.version, place(args), args.replicas, args.timeout, say)
     elif args.action == "promote":
-        version = rollout.canary_promote(registry, args.alias, place(args), args.timeout, say)
+        version = canary_promote(registry, args.alias, place(args), args.timeout, say)
         print(f"{args.alias} -> version {version.version}, served by every pod of {place(args)}; the canary is removed")
     elif args.action == "abort":
-        rollout.canary_abort(place(args), args.timeout, say)
+        canary_abort(place(args), args.timeout, say)
     else:
-        rollout.canary_status(place(args), say)
+        canary_status(place(args), say)
 
 
 def deployment_name(args: argparse.Namespace) -> str | None:
@@ -117,9 +118,10 @@ def deployment_name(args: argparse.Namespace) -> str | None:
 
 def place(args: argparse.Namespace):
     """The Deployment of --rollout / --deployment in --namespace."""
-    from registry import rollout
+    from registry.rollout.deployment import Place
+    from registry.rollout.kube import default_namespace
 
-    return rollout.Place(deployment_name(args), args.namespace or rollout.default_namespace())
+    return Place(deployment_name(args), args.namespace or default_namespace())
 
 
 def check_arguments(args: argparse.Namespace) -> None:
