@@ -22,6 +22,8 @@ from typing import Iterator, Mapping
 
 import psutil
 
+from registry.model_archive import manifest_of
+
 HANDLER_DIR = Path(__file__).resolve().parent
 CONFIG = HANDLER_DIR / "config.properties"
 LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per request
@@ -62,7 +64,7 @@ def served_model(archive: Path, version: str | None = None) -> dict[str, str]:
     VERSION (the registry's; default the archive's own modelVersion) and the archive's sha256."""
     if version is None:
         with zipfile.ZipFile(archive) as mar:
-            version = json.loads(mar.read("MAR-INF/MANIFEST.json")).get("model", {}).get("modelVersion") or "unknown"
+            version = manifest_of(mar).get("model", {}).get("modelVersion") or "unknown"
     return {"SERVED_MODEL_VERSION": version, "SERVED_MODEL_SHA256": hashlib.sha256(archive.read_bytes()).hexdigest()}
 
 

@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tempfile
 import uuid
 import zipfile
@@ -17,13 +16,14 @@ from typing import BinaryIO, Callable, Iterator
 from cassandra.cluster import Session
 
 from registry import db
+from registry.model_archive import (
+    MANIFEST, FailsCRC, ManifestNotJSON, NoManifest, NotAZip, checked_manifest, manifest_of,
+)
+from registry.names import ALIAS_NAME, VERSION_NAME
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below Cassandra's cell-size guidance and the 16 MiB mutation limit
 WRITE_WINDOW = 4  # chunks in flight while publishing: 4 MiB of memory
-MANIFEST = "MAR-INF/MANIFEST.json"
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version")
-VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never an automatic version
 
 
 class RegistryError(Exception):
@@ -130,22 +130,25 @@ def read_metrics(path: Path) -> dict:
 
 
 def check_archive(path: Path) -> None:
-    """A .mar is a zip with TorchServe's manifest in it; refuse anything else before writing a byte."""
+    """A .mar as registry.model_archive defines it; refuse anything else before writing a byte."""
     if not path.is_file():
         raise BadInput(f"{path}: no such archive file")
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.getinfo(MANIFEST)
-    except KeyError:
+        checked_manifest(path, require_model_file=False)
+    except NoManifest:
         raise BadInput(f"{path}: a zip without {MANIFEST}; build the archive with torch-model-archiver") from None
-    except (zipfile.BadZipFile, OSError) as error:
+    except (NotAZip, OSError) as error:
         raise BadInput(f"{path}: not a model archive (.mar is a zip file: {error})") from None
+    except FailsCRC as damaged:
+        raise BadInput(f"{path}: damaged, {damaged} fails its CRC check; build the archive again") from None
+    except ManifestNotJSON as error:
+        raise BadInput(f"{path}: its {MANIFEST} is not the JSON object torch-model-archiver writes ({error})") from None
 
 
 def serialized_file(archive: bytes) -> tuple[str, bytes]:
     """The model file (manifest's serializedFile, model.pt for ours) and its bytes, from a .mar."""
     with zipfile.ZipFile(io.BytesIO(archive)) as mar:
-        manifest = json.loads(mar.read(MANIFEST))
+        manifest = manifest_of(mar)
         name = manifest.get("model", {}).get("serializedFile") or "model.pt"
         try:
             return name, mar.read(name)
