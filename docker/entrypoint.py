@@ -149,7 +149,7 @@ def fetch_from_registry(settings: Settings) -> tuple[Path, str, str]:
     if path != target:
         path.replace(target)
     named = f" ({settings.version})" if settings.version != version.version else ""
-    return target, f"registry version {version.version}{named}, sha256 {version.sha256[:12]} checked", version.version
+    return target, f"registry version {version.version}{named}, sha256 {version.short_sha256} checked", version.version
 
 
 def fetch_from_image(settings: Settings) -> tuple[Path, str, None]:

@@ -24,6 +24,9 @@ from registry.names import ALIAS_NAME, VERSION_NAME
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below Cassandra's cell-size guidance and the 16 MiB mutation limit
 WRITE_WINDOW = 4  # chunks in flight while publishing: 4 MiB of memory
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version")
+# Hex digits of a sha256 shown to people; the handler's SHA256_SHOWN, which TorchServe's workers import without
+# registry/, is the same number (tests/test_handler.py holds them equal).
+SHA256_SHOWN = 12
 
 
 class RegistryError(Exception):
@@ -74,6 +77,10 @@ class ModelVersion:
     metrics: dict
     aliases: list[str] = field(default_factory=list)
 
+    @property
+    def short_sha256(self) -> str:
+        return short_sha256(self.sha256)
+
 
 TABLES = ("model_versions", "archive_chunks", "model_aliases")
 COLUMNS = (
@@ -109,6 +116,11 @@ def read_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[byte
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def short_sha256(digest: str) -> str:
+    """The first hex digits of a sha256, as messages, `mnist-registry list` and the served model show it."""
+    return digest[:SHA256_SHOWN]
 
 
 def read_metrics(path: Path) -> dict:
@@ -247,8 +259,9 @@ class Registry:
             )
         if size != version.size or whole.hexdigest() != version.sha256:
             raise CorruptArchive(
-                f"version {version.version}: the chunks add up to {size:,} bytes with sha256 {whole.hexdigest()[:12]}, "
-                f"the version records {version.size:,} bytes with {version.sha256[:12]}; the archive was not written"
+                f"version {version.version}: the chunks add up to {size:,} bytes with sha256 "
+                f"{short_sha256(whole.hexdigest())}, the version records {version.size:,} bytes with "
+                f"{version.short_sha256}; the archive was not written"
             )
 
     def archive(self, name: str) -> tuple[ModelVersion, bytes]:

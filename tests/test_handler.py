@@ -213,6 +213,14 @@ def test_the_launchers_and_the_handler_agree_on_the_settings_names(archive):
     assert set(served_model(archive, "3")) == {mnist_handler.VERSION_ENV, mnist_handler.SHA256_ENV}
 
 
+def test_the_handler_shows_as_many_sha256_digits_as_the_registry():
+    """The workers import mnist_handler.py from the unpacked archive, without registry/: two constants, one number."""
+    from handler import mnist_handler
+    from registry import store
+
+    assert mnist_handler.SHA256_SHOWN == store.SHA256_SHOWN
+
+
 def test_answers_come_back_in_request_order(reader):
     handler, context = reader
     digits = [3, 1, 4, 1, 5, 9, 2, 6]
