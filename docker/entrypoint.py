@@ -46,7 +46,7 @@ from typing import Mapping
 APP = Path(__file__).resolve().parent.parent  # the repository, or /opt/mnist-serve in the image
 sys.path.insert(0, str(APP))  # registry/ and handler/, however this file is started
 
-from handler.server import LOG_CONFIG, MODEL_NAME, PROBE, log_tail, run_properties, served_model  # noqa: E402 (needs the path above)
+from handler.server import LOG_CONFIG, MODEL_NAME, PROBE, log_tail, run_properties, served_model_environment  # noqa: E402 (needs the path above)
 
 SOURCES = ("registry", "image")
 ARCHIVE_FILE = f"{MODEL_NAME}.mar"  # the name in the model store, whatever the registry called it
@@ -443,7 +443,7 @@ def main() -> int:
         config.write_text(text)
         port = int(props["inference_address"].rsplit(":", 1)[1])
         supervisor = Supervisor(settings)
-        supervisor.start(java_command(props, config, settings), java_environment(settings, served_model(archive, registry_version)))
+        supervisor.start(java_command(props, config, settings), java_environment(settings, served_model_environment(archive, registry_version)))
         print(f"entrypoint: TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
               f"number_of_gpu={settings.gpus}", file=sys.stderr, flush=True)
         if wait_until_ready(supervisor, port):

@@ -59,7 +59,7 @@ class Ports:
             return cls(*(sock.getsockname()[1] for sock in sockets))
 
 
-def served_model(archive: Path, version: str | None = None) -> dict[str, str]:
+def served_model_environment(archive: Path, version: str | None = None) -> dict[str, str]:
     """The environment that tells the handler which model it serves (mnist_handler.VERSION_ENV, SHA256_ENV):
     VERSION (the registry's; default the archive's own modelVersion) and the archive's sha256."""
     if version is None:
@@ -174,7 +174,7 @@ def start_torchserve(
         try:
             process = subprocess.Popen(
                 launch_command(archive, config), cwd=run_dir,
-                env={**launch_environment(log_dir, run_dir), **served_model(archive), **(environment or {})},
+                env={**launch_environment(log_dir, run_dir), **served_model_environment(archive), **(environment or {})},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,
