@@ -174,7 +174,8 @@ def start_torchserve(
         try:
             process = subprocess.Popen(
                 launch_command(archive, config), cwd=run_dir,
-                env={**launch_environment(log_dir, run_dir), **served_model_environment(archive), **(environment or {})},
+                env={**launch_environment(log_dir, run_dir), **served_model_environment(archive),
+                     **(environment or {})},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,
