@@ -81,11 +81,12 @@ FROM runtime AS runtime-venv
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=compat /usr/local/cuda-13.0/compat/ /usr/local/cuda/compat/
 # Only what runs: the handler and server settings, the registry client, the entrypoint (no training code).
-# After the venv: a change of the code is then a small layer, not another copy of the 5 GB one above (which
-# every rebuild used to store anew, and every kind load to carry).
+# After the venv: a change of the code is then a small layer, and the 5 GB venv layer above is stored, and
+# carried by every kind load, once.
 COPY handler/ /opt/mnist-serve/handler/
 COPY registry/ /opt/mnist-serve/registry/
 COPY docker/entrypoint.py /opt/mnist-serve/docker/entrypoint.py
+COPY docker/startup/ /opt/mnist-serve/docker/startup/
 
 # --- the server -------------------------------------------------------------------------------------
 FROM runtime-venv AS serve

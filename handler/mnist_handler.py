@@ -25,7 +25,7 @@ JSON = "application/json"
 # Set to 1 in the server's environment to keep TorchServe's per-batch log lines (see quiet_batch_logs).
 BATCH_LOG_ENV = "MNIST_SERVE_BATCH_LOG"
 # Which model this is, set in the server's environment (TorchServe hands it to the workers) by whoever starts
-# it: docker/entrypoint.py (the registry version) and handler/server.py (handler.server.served_model).
+# it: docker/entrypoint.py (the registry version) and handler/server.py (served_model_environment).
 VERSION_ENV, SHA256_ENV = "SERVED_MODEL_VERSION", "SERVED_MODEL_SHA256"
 SHA256_SHOWN = 12  # hex digits of the archive's sha256 in answers, headers and the metric
 

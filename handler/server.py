@@ -22,6 +22,8 @@ from typing import Iterator, Mapping
 
 import psutil
 
+from registry.model_archive import manifest_of
+
 HANDLER_DIR = Path(__file__).resolve().parent
 CONFIG = HANDLER_DIR / "config.properties"
 LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per request
@@ -57,12 +59,12 @@ class Ports:
             return cls(*(sock.getsockname()[1] for sock in sockets))
 
 
-def served_model(archive: Path, version: str | None = None) -> dict[str, str]:
+def served_model_environment(archive: Path, version: str | None = None) -> dict[str, str]:
     """The environment that tells the handler which model it serves (mnist_handler.VERSION_ENV, SHA256_ENV):
     VERSION (the registry's; default the archive's own modelVersion) and the archive's sha256."""
     if version is None:
         with zipfile.ZipFile(archive) as mar:
-            version = json.loads(mar.read("MAR-INF/MANIFEST.json")).get("model", {}).get("modelVersion") or "unknown"
+            version = manifest_of(mar).get("model", {}).get("modelVersion") or "unknown"
     return {"SERVED_MODEL_VERSION": version, "SERVED_MODEL_SHA256": hashlib.sha256(archive.read_bytes()).hexdigest()}
 
 
@@ -172,7 +174,8 @@ def start_torchserve(
         try:
             process = subprocess.Popen(
                 launch_command(archive, config), cwd=run_dir,
-                env={**launch_environment(log_dir, run_dir), **served_model(archive), **(environment or {})},
+                env={**launch_environment(log_dir, run_dir), **served_model_environment(archive),
+                     **(environment or {})},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,

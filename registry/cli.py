@@ -47,7 +47,7 @@ def list_versions(registry: Registry, args: argparse.Namespace) -> None:
     for v in versions:
         print(
             f"{v.version:<10} {v.created_at:%Y-%m-%d %H:%M:%S}  {accuracy_text(v):>8}  {size_text(v.size):>10}  "
-            f"{v.sha256[:12]:<12}  {v.epochs if v.epochs is not None else '-':>6}  {', '.join(v.aliases)}"
+            f"{v.short_sha256:<12}  {v.epochs if v.epochs is not None else '-':>6}  {', '.join(v.aliases)}"
         )
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from registry.environment import SettingsError, number, text
+
 # A node:        CASSANDRA_HOSTS (comma-separated, default 127.0.0.1), CASSANDRA_PORT (9042).
 #   with a login:  CASSANDRA_USERNAME, and its password in CASSANDRA_PASSWORD or in a file named by
 #                  CASSANDRA_PASSWORD_FILE (a mounted Secret).
@@ -33,10 +35,6 @@ SETTINGS_HELP = (
 KEYSPACE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")  # CQL's rule for unquoted keyspace names
 BUNDLE_FILES = ("config.json", "ca.crt", "cert", "key")  # what the driver reads from a secure connect bundle
 NOT_WITH_A_BUNDLE = ("CASSANDRA_USERNAME", "CASSANDRA_TLS_CA_FILE", "CASSANDRA_TLS_CERT_FILE", "CASSANDRA_TLS_KEY_FILE")
-
-
-class SettingsError(ValueError):
-    """An environment variable holds something unusable; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -72,59 +70,46 @@ def cassandra_settings(environ: Mapping[str, str] = os.environ) -> CassandraSett
     """The connection settings from the environment, checked; raises SettingsError."""
     defaults = CassandraSettings()
 
-    def text(name: str) -> str:
-        return environ.get(name, "").strip()
-
-    def number(name: str, default: float, kind: type = float):
-        if not text(name):
-            return default
-        try:
-            value = kind(text(name))
-        except ValueError:
-            value = None
-        if value is None or value <= 0:
-            raise SettingsError(f"{name}={text(name)!r} is not a positive {'whole ' if kind is int else ''}number")
-        return value
-
     def readable_file(name: str) -> Path | None:
-        if not text(name):
+        if not text(environ, name):
             return None
-        path = Path(text(name)).expanduser()
+        path = Path(text(environ, name)).expanduser()
         if not path.is_file():
-            raise SettingsError(f"{name}={text(name)}: no such file")
+            raise SettingsError(f"{name}={text(environ, name)}: no such file")
         return path
 
-    keyspace = keyspace_name(text("CASSANDRA_KEYSPACE") or defaults.keyspace, "CASSANDRA_KEYSPACE=")
-    hosts = tuple(host.strip() for host in text("CASSANDRA_HOSTS").split(",") if host.strip())
-    port = number("CASSANDRA_PORT", defaults.port, int)
+    keyspace = keyspace_name(text(environ, "CASSANDRA_KEYSPACE", defaults.keyspace), "CASSANDRA_KEYSPACE=")
+    hosts = tuple(host.strip() for host in text(environ, "CASSANDRA_HOSTS").split(",") if host.strip())
+    port = number(environ, "CASSANDRA_PORT", defaults.port, int)
     if port > 65535:
         raise SettingsError(f"CASSANDRA_PORT={port} is not a port number (1..65535)")
-    timeouts = {"connect_timeout": number("CASSANDRA_CONNECT_TIMEOUT", defaults.connect_timeout),
-                "request_timeout": number("CASSANDRA_REQUEST_TIMEOUT", defaults.request_timeout)}
+    timeouts = {"connect_timeout": number(environ, "CASSANDRA_CONNECT_TIMEOUT", defaults.connect_timeout),
+                "request_timeout": number(environ, "CASSANDRA_REQUEST_TIMEOUT", defaults.request_timeout)}
 
-    if text("ASTRA_DB_SECURE_BUNDLE"):
+    if text(environ, "ASTRA_DB_SECURE_BUNDLE"):
         token = secret(environ, "ASTRA_DB_TOKEN", "the token", "ASTRA_DB_SECURE_BUNDLE is set but there is no token",
                        "an application token from the Astra console")
-        both = [name for name in NOT_WITH_A_BUNDLE if text(name)]
+        both = [name for name in NOT_WITH_A_BUNDLE if text(environ, name)]
         if both:
             raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE is set, and so is {both[0]}: the bundle brings Astra's address and "
                                 "certificates and the token is the password; unset one of the two")
+        bundle = checked_bundle(text(environ, "ASTRA_DB_SECURE_BUNDLE"))
         return CassandraSettings(hosts=hosts or defaults.hosts, port=port, keyspace=keyspace,
-                                 secure_bundle=checked_bundle(text("ASTRA_DB_SECURE_BUNDLE")), token=token, **timeouts)
+                                 secure_bundle=bundle, token=token, **timeouts)
 
-    username = text("CASSANDRA_USERNAME") or None
+    username = text(environ, "CASSANDRA_USERNAME") or None
     password = None
     if username:
         password = secret(environ, "CASSANDRA_PASSWORD", "the password", "CASSANDRA_USERNAME is set but there is no password",
                           f"the password of the role {username}")
-    elif text("CASSANDRA_PASSWORD") or text("CASSANDRA_PASSWORD_FILE"):
+    elif text(environ, "CASSANDRA_PASSWORD") or text(environ, "CASSANDRA_PASSWORD_FILE"):
         raise SettingsError("a Cassandra password is set but CASSANDRA_USERNAME is not; set the role name it belongs to")
     tls_ca, tls_cert, tls_key = (readable_file(f"CASSANDRA_TLS_{part}_FILE") for part in ("CA", "CERT", "KEY"))
     if bool(tls_cert) != bool(tls_key):
         raise SettingsError("set both CASSANDRA_TLS_CERT_FILE and CASSANDRA_TLS_KEY_FILE (a client certificate and its key), or neither")
     if tls_cert and not tls_ca:
         raise SettingsError("CASSANDRA_TLS_CERT_FILE is set but CASSANDRA_TLS_CA_FILE is not; TLS needs the CA that signed the nodes' certificates")
-    verify = text("CASSANDRA_TLS_VERIFY_HOSTNAME").lower() or "true"
+    verify = text(environ, "CASSANDRA_TLS_VERIFY_HOSTNAME").lower() or "true"
     if verify not in ("true", "false"):
         raise SettingsError(f"CASSANDRA_TLS_VERIFY_HOSTNAME={verify!r} is not true or false")
     return CassandraSettings(hosts=hosts or defaults.hosts, port=port, keyspace=keyspace, username=username, password=password,
@@ -140,8 +125,8 @@ def keyspace_name(text: str, given_as: str) -> str:
 
 def secret(environ: Mapping[str, str], name: str, what: str, missing: str, hint: str) -> str:
     """A secret from the variable NAME or from the file NAME_FILE names (a mounted Secret); never echoed."""
-    inline = environ.get(name, "").strip()
-    path = environ.get(f"{name}_FILE", "").strip()
+    inline = text(environ, name)
+    path = text(environ, f"{name}_FILE")
     if inline and path:
         raise SettingsError(f"both {name} and {name}_FILE are set; set only one")
     if path:

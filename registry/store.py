@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tempfile
 import uuid
 import zipfile
@@ -17,13 +16,17 @@ from typing import BinaryIO, Callable, Iterator
 from cassandra.cluster import Session
 
 from registry import db
+from registry.model_archive import (
+    MANIFEST, FailsCRC, ManifestNotJSON, NoManifest, NotAZip, checked_manifest, manifest_of,
+)
+from registry.names import ALIAS_NAME, VERSION_NAME
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below Cassandra's cell-size guidance and the 16 MiB mutation limit
 WRITE_WINDOW = 4  # chunks in flight while publishing: 4 MiB of memory
-MANIFEST = "MAR-INF/MANIFEST.json"
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version")
-VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never an automatic version
+# Hex digits of a sha256 shown to people; the handler's SHA256_SHOWN, which TorchServe's workers import without
+# registry/, is the same number (tests/test_handler.py holds them equal).
+SHA256_SHOWN = 12
 
 
 class RegistryError(Exception):
@@ -74,6 +77,10 @@ class ModelVersion:
     metrics: dict
     aliases: list[str] = field(default_factory=list)
 
+    @property
+    def short_sha256(self) -> str:
+        return short_sha256(self.sha256)
+
 
 TABLES = ("model_versions", "archive_chunks", "model_aliases")
 COLUMNS = (
@@ -111,6 +118,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def short_sha256(digest: str) -> str:
+    """The first hex digits of a sha256, as messages, `mnist-registry list` and the served model show it."""
+    return digest[:SHA256_SHOWN]
+
+
 def read_metrics(path: Path) -> dict:
     """metrics.json as training/job.py writes it, with the keys the registry records."""
     try:
@@ -130,22 +142,25 @@ def read_metrics(path: Path) -> dict:
 
 
 def check_archive(path: Path) -> None:
-    """A .mar is a zip with TorchServe's manifest in it; refuse anything else before writing a byte."""
+    """A .mar as registry.model_archive defines it; refuse anything else before writing a byte."""
     if not path.is_file():
         raise BadInput(f"{path}: no such archive file")
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.getinfo(MANIFEST)
-    except KeyError:
+        checked_manifest(path, require_model_file=False)
+    except NoManifest:
         raise BadInput(f"{path}: a zip without {MANIFEST}; build the archive with torch-model-archiver") from None
-    except (zipfile.BadZipFile, OSError) as error:
+    except (NotAZip, OSError) as error:
         raise BadInput(f"{path}: not a model archive (.mar is a zip file: {error})") from None
+    except FailsCRC as damaged:
+        raise BadInput(f"{path}: damaged, {damaged} fails its CRC check; build the archive again") from None
+    except ManifestNotJSON as error:
+        raise BadInput(f"{path}: its {MANIFEST} is not the JSON object torch-model-archiver writes ({error})") from None
 
 
 def serialized_file(archive: bytes) -> tuple[str, bytes]:
     """The model file (manifest's serializedFile, model.pt for ours) and its bytes, from a .mar."""
     with zipfile.ZipFile(io.BytesIO(archive)) as mar:
-        manifest = json.loads(mar.read(MANIFEST))
+        manifest = manifest_of(mar)
         name = manifest.get("model", {}).get("serializedFile") or "model.pt"
         try:
             return name, mar.read(name)
@@ -244,8 +259,9 @@ class Registry:
             )
         if size != version.size or whole.hexdigest() != version.sha256:
             raise CorruptArchive(
-                f"version {version.version}: the chunks add up to {size:,} bytes with sha256 {whole.hexdigest()[:12]}, "
-                f"the version records {version.size:,} bytes with {version.sha256[:12]}; the archive was not written"
+                f"version {version.version}: the chunks add up to {size:,} bytes with sha256 "
+                f"{short_sha256(whole.hexdigest())}, the version records {version.size:,} bytes with "
+                f"{version.short_sha256}; the archive was not written"
             )
 
     def archive(self, name: str) -> tuple[ModelVersion, bytes]:

@@ -48,7 +48,7 @@ from handler.client import encoded, post  # noqa: E402
 from handler.server import MODEL_NAME, Ports, config_with_ports  # noqa: E402
 from registry import db  # noqa: E402
 from registry.settings import SettingsError, cassandra_settings  # noqa: E402
-from registry.store import Registry, sha256  # noqa: E402
+from registry.store import Registry, sha256, short_sha256  # noqa: E402
 from training.cassandra_source import LAYOUTS  # noqa: E402
 from training.data import TEST_COUNT, TRAIN_COUNT, DataError, Mnist, load_mnist  # noqa: E402
 from training.load_data import check_loaded  # noqa: E402
@@ -259,7 +259,8 @@ class Demo:
             with db.connect(self.settings) as session:
                 same = [v.version for v in Registry(session).versions() if v.sha256 == digest]
             if same:
-                self.note(log, f"already in the registry as version {same[-1]} (same sha256 {digest[:12]}); not published again")
+                self.note(log, f"already in the registry as version {same[-1]} (same sha256 {short_sha256(digest)}); "
+                               "not published again")
                 return same[-1]
             output = self.run(log, [str(BIN / "mnist-registry"), "publish", str(mar), "--metrics", str(self.model_dir / "metrics.json")])
             return re.search(r"^published version (\S+):", output, re.MULTILINE).group(1)

@@ -144,8 +144,9 @@ def test_the_java_command_is_what_torchserve_launcher_runs(python, tmp_path):
         [str(python), "-c", "import importlib.util, json, os, sys\n"
          f"spec = importlib.util.spec_from_file_location('entrypoint', {str(ENTRYPOINT)!r})\n"
          "entrypoint = sys.modules['entrypoint'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(entrypoint)\n"
+         "from startup.run_config import run_config  # importable once the entrypoint set the path\n"
          "settings = entrypoint.settings_from(os.environ)\n"
-         "text, props = entrypoint.run_config(settings)\n"
+         "text, props = run_config(settings)\n"
          "print(json.dumps(entrypoint.java_command(props, settings.config, settings)))"],
         env=environment, capture_output=True, text=True, timeout=60,
     )

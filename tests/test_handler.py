@@ -208,9 +208,17 @@ def test_without_those_settings_the_archives_own_version_is_named():
 
 def test_the_launchers_and_the_handler_agree_on_the_settings_names(archive):
     from handler import mnist_handler
-    from handler.server import served_model
+    from handler.server import served_model_environment
 
-    assert set(served_model(archive, "3")) == {mnist_handler.VERSION_ENV, mnist_handler.SHA256_ENV}
+    assert set(served_model_environment(archive, "3")) == {mnist_handler.VERSION_ENV, mnist_handler.SHA256_ENV}
+
+
+def test_the_handler_shows_as_many_sha256_digits_as_the_registry():
+    """The workers import mnist_handler.py from the unpacked archive, without registry/: two constants, one number."""
+    from handler import mnist_handler
+    from registry import store
+
+    assert mnist_handler.SHA256_SHOWN == store.SHA256_SHOWN
 
 
 def test_answers_come_back_in_request_order(reader):

@@ -175,7 +175,7 @@ def test_the_serving_image_copies_no_training_code():
     """The server needs the registry client, not the training loop, its data loaders and plots."""
     copied = lambda name: [a.split()[0] for i, a in stages()[name] if i == "COPY" and not a.startswith("--from")]
     assert [source for name in ("runtime", "runtime-venv", "serve") for source in copied(name)] == \
-        ["docker/install.sh", "handler/", "registry/", "docker/entrypoint.py"]
+        ["docker/install.sh", "handler/", "registry/", "docker/entrypoint.py", "docker/startup/"]
     assert "training/" in copied("train")
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 
+from registry.names import VERSION_NAME
 from registry.store import BadInput, check_archive, chunk_count, read_chunks, read_metrics, serialized_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -51,3 +55,22 @@ def test_the_model_file_comes_out_of_the_archive(model_archive, tmp_path):
     name, data = serialized_file(model_archive.read_bytes())
     assert name == "model.pt"
     assert data == (model_archive.parent / "model.pt").read_bytes()
+
+
+def test_the_chart_takes_the_version_names_the_registry_takes():
+    """values.schema.json keeps its own copy of the rule (JSON Schema cannot import it); the two must agree."""
+    schema = json.loads((ROOT / "charts" / "mnist-serve" / "values.schema.json").read_text())["properties"]
+    assert schema["model"]["properties"]["version"]["pattern"] == f"^{VERSION_NAME.pattern}$"
+    # Empty while no canary runs.
+    assert schema["canary"]["properties"]["version"]["pattern"] == f"^$|^{VERSION_NAME.pattern}$"
+
+
+def test_an_archive_whose_members_fail_their_crc_check_is_refused(tmp_path, model_archive):
+    data = bytearray(model_archive.read_bytes())
+    with zipfile.ZipFile(model_archive) as mar:
+        info = mar.getinfo("model.pt")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    damaged = tmp_path / "damaged.mar"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="damaged, model.pt fails its CRC check"):
+        check_archive(damaged)
