@@ -30,6 +30,7 @@ from handler.client import encoded
 from handler.mnist_handler import answer
 from handler.archive import MODEL_CONFIG, MODEL_NAME
 from handler.server import CONFIG, Ports, Server, start_torchserve, stop
+from registry.model_archive import manifest_of
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
@@ -124,7 +125,7 @@ def load_model(archive: Path, directory: Path) -> torch.jit.ScriptModule:
     from training.export import load  # torch.jit.load without its deprecation warning
 
     with zipfile.ZipFile(archive) as mar:
-        serialized = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
+        serialized = manifest_of(mar)["model"]["serializedFile"]
         path = directory / "model.pt"
         path.write_bytes(mar.read(serialized))
     return load(path)

@@ -48,7 +48,7 @@ def check_pod(core, pod, version: ModelVersion) -> str:
         if len(digits) != len(chunk):
             raise RolloutFailed(f"pod {pod.metadata.name} answered {len(digits)} predictions for {len(chunk)} images")
         said = (served.get("version"), served.get("sha256"), headers.get("x-model-version"))
-        if said != (version.version, version.sha256[:12], version.version):
+        if said != (version.version, version.short_sha256, version.version):
             raise RolloutFailed(f"pod {pod.metadata.name} serves version {said[0]} (sha256 {said[1]}), "
                                 f"not {version.version}")
         read_right += int(np.sum(np.array(digits) == labels[start:start + PER_REQUEST]))
@@ -56,4 +56,4 @@ def check_pod(core, pod, version: ModelVersion) -> str:
     if accuracy < minimum:
         raise RolloutFailed(f"pod {pod.metadata.name} read {accuracy:.0%} of {len(images)} test digits right, "
                             f"below {minimum:.1%} (the version's test accuracy less {ACCURACY_MARGIN:.0%})")
-    return f"{read_right}/{len(images)} test digits right, version {version.version} sha256 {version.sha256[:12]}"
+    return f"{read_right}/{len(images)} test digits right, version {version.version} sha256 {version.short_sha256}"

@@ -44,7 +44,7 @@ def env_value(deployment, name: str) -> str | None:
 
 def version_annotations(version: ModelVersion) -> dict:
     """The pod annotations that name the version a pod serves."""
-    return {VERSION_ANNOTATION: version.version, SHA256_ANNOTATION: version.sha256[:12]}
+    return {VERSION_ANNOTATION: version.version, SHA256_ANNOTATION: version.short_sha256}
 
 
 def pin(version: ModelVersion) -> dict:
