@@ -100,7 +100,7 @@ class StopSignals:
             signal.signal(signum, self.on_signal)
 
     def on_signal(self, signum: int, _frame) -> None:
-        if self.supervisor is None:
+        if self.supervisor is None or self.supervisor.process is None:
             # Raised wherever the main thread is; code in between (the database driver) may turn it into
             # an error of its own, so the signal is remembered as well.
             self.stopped_early = signum
