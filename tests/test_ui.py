@@ -143,14 +143,17 @@ class DrawPage:
         try:
             WebDriverWait(self.driver, ANSWER_TIMEOUT_S, poll_frequency=0.05).until(answered)
         except TimeoutException:
-            console = "\n".join(entry["message"] for entry in self.driver.get_log("browser"))
             status = self.driver.find_element(By.ID, "status").text
-            pytest.fail(f"no answer within {ANSWER_TIMEOUT_S} s; the page says {status!r}; its console:\n{console}")
+            pytest.fail(f"no answer within {ANSWER_TIMEOUT_S} s; the page says {status!r}; {self.console()}")
         text = {
             name: self.driver.find_element(By.ID, name).text
             for name in ("digit", "error", "model-version", "model-sha256", "status")
         }
         return Shown(text["digit"], text["error"], text["model-version"], text["model-sha256"], text["status"])
+
+    def console(self) -> str:
+        """What the page's console said since last asked: where a browser explains a refused request (CORS)."""
+        return "its console:\n" + "\n".join(entry["message"] for entry in self.driver.get_log("browser"))
 
     def draw_and_read(self, image, pointer: str = interaction.POINTER_MOUSE) -> Shown:
         before = self.asked()
@@ -174,8 +177,9 @@ def test_the_server_names_the_one_page_origin_and_refuses_wildcards():
             cors_properties(wrong)
 
 
-def test_the_browsers_preflight_is_answered_for_the_page_origin(server, allowed_origin):
+def test_the_browsers_preflight_is_answered_for_the_page_origin(server, page):
     """What Chromium asks before posting JSON from another origin, and what TorchServe answers."""
+    allowed_origin = ui_server.origin(page)
     request = urllib.request.Request(
         server.url(),
         method="OPTIONS",
@@ -198,7 +202,7 @@ def test_test_digits_drawn_as_strokes_are_read_right(draw_page, digits, archive,
     right, wrong, started = 0, [], time.monotonic()
     for number, (image, label) in enumerate(zip(images[:DRAWN], labels[:DRAWN], strict=True)):
         shown = draw_page.draw_and_read(image, POINTERS[number % len(POINTERS)])
-        assert shown.error == "", shown
+        assert shown.error == "", f"{shown}; {draw_page.console()}"
         assert (shown.version, shown.sha256) == (
             served["SERVED_MODEL_VERSION"],
             served["SERVED_MODEL_SHA256"][:SHA256_SHOWN],
