@@ -66,6 +66,9 @@ bench-db: venv cassandra-up ## load and read figures, our layout against the not
 	$(PY) -m training bench-db
 
 # --- serving ------------------------------------------------------------------------------------
+# The draw-a-digit page's port on 127.0.0.1: `make serve` lets a browser call it from this origin only.
+UI_PORT ?= 8088
+API ?= http://127.0.0.1:8080/predictions/mnist
 MODEL_STORE := $(ARTIFACTS)/model-store
 MAR := $(MODEL_STORE)/mnist.mar
 ARCHIVED := handler/mnist_handler.py handler/inputs.py handler/index_to_name.json handler/model-config.yaml handler/archive.py
@@ -80,7 +83,10 @@ $(MAR): $(ARTIFACTS)/model.pt $(ARCHIVED) | $(VENV)/.installed
 archive: $(MAR) ## build artifacts/model-store/mnist.mar (trains first only if artifacts/model.pt is missing)
 
 serve: $(MAR) ## serve it with TorchServe in the foreground: POST http://127.0.0.1:8080/predictions/mnist
-	$(PY) -m handler.server --archive $(MAR) --logs $(ARTIFACTS)/logs
+	$(PY) -m handler.server --archive $(MAR) --logs $(ARTIFACTS)/logs --allow-origin http://127.0.0.1:$(UI_PORT)
+
+ui: ## the draw-a-digit page for the server (make serve, or a cluster's port-forward: API=URL), at http://127.0.0.1:8088
+	$(PYTHON) scripts/ui_server.py --port $(UI_PORT) --api $(API)
 
 predict: venv ## print the digit the running server reads in IMAGE: make predict IMAGE=digit.png
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/digit.png" >&2; exit 2; }
@@ -95,7 +101,7 @@ soak: $(MAR) ## 5 min at 64 connections with 10 % malformed requests and a worke
 publish: $(MAR) cassandra-up ## archive and record it in the model registry (mnist-registry publish)
 	$(VENV)/bin/mnist-registry publish $(MAR) --metrics $(ARTIFACTS)/metrics.json
 
-.PHONY: archive serve predict bench-serve soak publish
+.PHONY: archive serve ui predict bench-serve soak publish
 
 # --- image and chart ---------------------------------------------------------------------------
 image: ## build the CPU serving image (docker/build.sh cpu; starts a Docker engine where none runs; TORCH_INDEX_URL for a CPU-only torch)

@@ -33,6 +33,11 @@ READY_TIMEOUT_S = 180.0  # JVM start, two workers importing torch and warming up
 STOP_TIMEOUT_S = 30.0
 # A blank 28x28 pixel array: the cheapest request that goes all the way through a worker.
 PROBE = json.dumps([0] * 784).encode()
+# The draw-a-digit page (ui/, `make ui`) is served from another origin than the predictions, and TorchServe
+# cannot serve files: a browser lets the page read answers only when the server names the page's origin.
+UI_ORIGIN = "http://127.0.0.1:8088"
+# scheme://host[:port], exactly what a browser sends as Origin: no "*", no path, no list.
+_ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 
 
 class ServerError(RuntimeError):
@@ -68,10 +73,28 @@ def served_model_environment(archive: Path, version: str | None = None) -> dict[
     return {"SERVED_MODEL_VERSION": version, "SERVED_MODEL_SHA256": hashlib.sha256(archive.read_bytes()).hexdigest()}
 
 
-def run_properties(text: str) -> str:
+def run_properties(text: str, allowed_origin: str = "") -> str:
     """config.properties as TorchServe runs it here: with the project's metrics (an absolute path, so the one file
-    serves the checkout and the image)."""
-    return f"{text.rstrip()}\n# Added by the launcher: the metrics /metrics serves.\nmetrics_config={METRICS_CONFIG}\n"
+    serves the checkout and the image), and the CORS lines for `allowed_origin` when one is given."""
+    text = f"{text.rstrip()}\n# Added by the launcher: the metrics /metrics serves.\nmetrics_config={METRICS_CONFIG}\n"
+    return text + cors_properties(allowed_origin) if allowed_origin else text
+
+
+def cors_properties(origin: str) -> str:
+    """The lines that let a web page at `origin` POST predictions and read the answers.
+
+    TorchServe sends these values on every answer of every API, whatever the request's Origin; a browser then
+    lets only a page of that one origin read them. The page posts JSON, so the browser first asks with OPTIONS
+    (a preflight), which TorchServe answers with the same headers."""
+    if not _ORIGIN.fullmatch(origin):
+        raise ServerError(
+            f"allowed origin {origin!r}: give one origin as a browser sends it, scheme://host[:port] "
+            f"(e.g. {UI_ORIGIN}), never * or a path"
+        )
+    return (
+        "# Added by the launcher: the one web page origin browsers may call predictions from (CORS).\n"
+        f"cors_allowed_origin={origin}\ncors_allowed_methods=POST\ncors_allowed_headers=Content-Type\n"
+    )
 
 
 def config_with_ports(ports: Ports, base: Path = CONFIG) -> str:
@@ -152,12 +175,14 @@ def start_torchserve(
     console: bool = False,
     ready_timeout: float = READY_TIMEOUT_S,
     environment: Mapping[str, str] | None = None,
+    allowed_origin: str = "",
 ) -> Iterator[Server]:
     """TorchServe serving `archive` as model mnist, answering predictions when this yields; stopped on exit.
 
     `config` is used as it is for the default ports, else copied with the ports changed. With
     console=False the console output goes to log_dir/console.log instead of this process's stdout.
-    `environment` adds variables to the server's (and so the workers') environment.
+    `environment` adds variables to the server's (and so the workers') environment. `allowed_origin`
+    (scheme://host:port) is the one web page origin a browser may call predictions from; none by default.
     """
     archive, config = archive.resolve(), config.resolve()  # the launcher runs in a directory of its own
     if not archive.is_file():
@@ -169,7 +194,7 @@ def start_torchserve(
     try:
         text = config_with_ports(ports, config) if ports != Ports() else config.read_text()
         config = run_dir / "config.properties"
-        config.write_text(run_properties(text))
+        config.write_text(run_properties(text, allowed_origin))
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
@@ -251,11 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.server", description="Serve the mnist archive with TorchServe in the foreground until Ctrl-C.")
     parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"), help="model archive (default: %(default)s; make archive builds it)")
     parser.add_argument("--logs", type=Path, default=Path("artifacts/logs"), help="directory for TorchServe's logs (default: %(default)s)")
+    parser.add_argument(
+        "--allow-origin", default="", metavar="ORIGIN",
+        help=f"the one web page origin (scheme://host:port) browsers may call predictions from, e.g. {UI_ORIGIN} "
+        "for `make ui`'s page (default: none)",
+    )
     args = parser.parse_args(argv)
     # `kill` and Kubernetes stop with SIGTERM: leave through the context manager, which stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        with start_torchserve(args.archive, args.logs, console=True) as server:
+        with start_torchserve(args.archive, args.logs, console=True, allowed_origin=args.allow_origin) as server:
             print(f"serving: POST {server.url()}  (health {server.url('/ping')}, "
                   f"metrics {server.url('/metrics', server.ports.metrics)}; logs in {server.log_dir}); Ctrl-C stops it", flush=True)
             code = server.process.wait()

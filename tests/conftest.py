@@ -243,7 +243,7 @@ def pytest_terminal_summary(terminalreporter):
 from bodies import zip_bomb  # noqa: E402
 from entrypoint_pod import pod, python  # noqa: E402, F401
 from helm_chart import helm  # noqa: E402, F401
-from served import digits, known, server  # noqa: E402, F401
+from served import allowed_origin, digits, known, server  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")

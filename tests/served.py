@@ -1,5 +1,6 @@
 """A real TorchServe for a test module, and the MNIST test digits sent to it: the fixtures `server`, `digits`
-and `known` (tests/conftest.py offers them to every module; each module gets a server of its own)."""
+and `known` (tests/conftest.py offers them to every module; each module gets a server of its own), and
+`allowed_origin`, the web page origin the server admits (none; a module that drives a page overrides it)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,18 @@ CLIENT_THREADS = 16
 
 
 @pytest.fixture(scope="module")
-def server(archive, tmp_path_factory) -> Server:
+def allowed_origin() -> str:
+    """The one web page origin the module's server lets browsers call it from: none."""
+    return ""
+
+
+@pytest.fixture(scope="module")
+def server(archive, tmp_path_factory, allowed_origin) -> Server:
     """One TorchServe on free ports for the module (a config.properties copy with those ports), which
     logs every batch: the batching test reads which requests shared one."""
-    with start_torchserve(archive, tmp_path_factory.mktemp("logs"), Ports.free(), environment={BATCH_LOG_ENV: "1"}) as running:
+    with start_torchserve(
+        archive, tmp_path_factory.mktemp("logs"), Ports.free(), environment={BATCH_LOG_ENV: "1"}, allowed_origin=allowed_origin
+    ) as running:
         yield running
 
 

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from handler.server import cors_properties
 from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, render, run_helm, server_pod
 
 MANAGEMENT_PORT = 8081
@@ -276,6 +277,18 @@ def test_the_config_is_the_projects_plus_extra_properties(helm):
     assert config.rstrip().endswith("job_queue_size=2000")
 
 
+def config_of(objects: list[dict]) -> str:
+    return next(o for o in objects if o["kind"] == "ConfigMap" and "config.properties" in o["data"])["data"]["config.properties"]
+
+
+def test_no_page_origin_is_allowed_unless_one_is_set(helm):
+    assert "cors_" not in config_of(render(helm))
+    origin = "http://127.0.0.1:8088"
+    config = config_of(render(helm, "--set", f"torchserve.corsAllowedOrigin={origin}"))
+    # The lines `make serve` runs with (handler/server.py), so the page meets the same server in a cluster.
+    assert cors_properties(origin).splitlines()[1:] == [line for line in config.splitlines() if line.startswith("cors_")]
+
+
 def test_autoscaling_owns_the_replica_count(helm):
     objects = render(helm, *CASES["eks-gpu"])
     assert "replicas" not in one(objects, "Deployment")["spec"]
@@ -410,6 +423,9 @@ def test_a_numbered_model_version_is_served_as_that_version(helm):
     ("gatewayAPI.canaryWeight=101", "/gatewayAPI/canaryWeight"),
     ("torchserve.extraProperties.management_address=http://0.0.0.0:8081", "/torchserve/extraProperties/management_address"),
     ("torchserve.extraProperties.enable_model_api=true", "/torchserve/extraProperties/enable_model_api"),
+    ("torchserve.corsAllowedOrigin=*", "/torchserve/corsAllowedOrigin"),
+    ("torchserve.corsAllowedOrigin=http://127.0.0.1:8088/", "/torchserve/corsAllowedOrigin"),
+    ("torchserve.extraProperties.cors_allowed_origin=*", "/torchserve/extraProperties/cors_allowed_origin"),
     ("gpu.count=0", "/gpu/count"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("probes.startup.failureThreshold=0", "/probes/startup/failureThreshold"),

@@ -75,9 +75,16 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 
-{{/* The config.properties TorchServe starts from: the project's file plus torchserve.extraProperties. */}}
+{{/* The config.properties TorchServe starts from: the project's file, the page origin, then torchserve.extraProperties. */}}
 {{- define "mnist-serve.configProperties" -}}
 {{ .Files.Get "files/config.properties" }}
+{{- with .Values.torchserve.corsAllowedOrigin }}
+# torchserve.corsAllowedOrigin: the one web page origin browsers may call predictions from (CORS); the same
+# lines as handler/server.py's cors_properties().
+cors_allowed_origin={{ . }}
+cors_allowed_methods=POST
+cors_allowed_headers=Content-Type
+{{- end }}
 {{- with .Values.torchserve.extraProperties }}
 # torchserve.extraProperties from the chart's values (the last value of a key wins).
 {{- range $key, $value := . }}
