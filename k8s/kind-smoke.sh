@@ -426,7 +426,7 @@ failed_rollout() { # a version that does not load is rolled out, and rolled back
   "$PY" "$HERE/damage_archive.py" "$MODEL_ARCHIVE" "$work/no-model.mar"
   mnist_registry publish "$work/no-model.mar" --metrics "$METRICS" --version 3
   start_load load-bad
-  local began=$SECONDS load refusal shown
+  local began=$SECONDS load refusal shown production
   local expected="^error: version 3 failed \(.*does not load.*\); rolled back: deployment/$RELEASE in $NAMESPACE and alias production are on version 2 again$"
   if registry_as_rollout promote 3 --alias production --rollout "deployment/$RELEASE" --timeout 300 >"$OUT/failed-rollout.log" 2>&1; then
     cat "$OUT/failed-rollout.log"
@@ -445,8 +445,9 @@ failed_rollout() { # a version that does not load is rolled out, and rolled back
   [[ "$(pinned "$RELEASE")" == 2 ]] || fail "deployment/$RELEASE is pinned to $(pinned "$RELEASE") after the rollback, not 2"
   shown="$(mnist_registry show production)"
   [[ "$shown" =~ (^|$'\n')version:\ +([0-9]+) ]] || fail "mnist-registry show production names no version: $shown"
-  figure production_version "${BASH_REMATCH[2]}"
-  [[ "${BASH_REMATCH[2]}" == 2 ]] || fail "production is not back on version 2"
+  production=${BASH_REMATCH[2]}
+  figure production_version "$production"
+  [[ "$production" == 2 ]] || fail "production is on version $production, not back on 2"
 }
 
 canary() { # version 1 beside 2, then abort (mnist-registry canary)
