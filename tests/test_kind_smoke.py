@@ -1,9 +1,10 @@
 """The chart on a real kind cluster (k8s/kind-smoke.sh, make kind-smoke): the node image built from package
 registries where kind's own cannot be pulled, the serving image preloaded into it, helm install and test, digits
 in every input form, uid and read-only root filesystem, the NetworkPolicy enforced, the registry path,
-zero-downtime upgrades and a killed container under load, bad values and an unreachable registry. Plus the
+zero-downtime upgrades and a killed container under load, bad values and an unreachable registry, each read from
+the JSON summary the script writes (its phases and their figures), not from what it prints for people. Plus the
 pieces that can be checked alone: the docker wrapper kind uses where nodes cannot run privileged, the one-line
-refusal, and the preloaded node image."""
+refusal and the summary of a run that stops, and the preloaded node image."""
 from __future__ import annotations
 
 import json
@@ -21,11 +22,37 @@ ROOT = Path(__file__).resolve().parents[1]
 UNPRIVILEGED = ROOT / "k8s" / "kind" / "unprivileged"
 
 
+def no_engine(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """The smoke test where no Docker engine answers: it stops in its first phase."""
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "KIND_SMOKE_OUT": str(tmp_path / "out"),
+           **env}
+    return subprocess.run([str(ROOT / "k8s" / "kind-smoke.sh")], capture_output=True, text=True, timeout=60, env=env)
+
+
 def test_a_docker_engine_that_does_not_answer_is_one_line_within_seconds(tmp_path):
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
-    done = subprocess.run([str(ROOT / "k8s" / "kind-smoke.sh")], capture_output=True, text=True, timeout=60, env=env)
+    done = no_engine(tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"error: no Docker engine answers at DOCKER_HOST=unix://{tmp_path}/no-engine.sock ('docker info' fails)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: no Docker engine answers at DOCKER_HOST=unix://{tmp_path}/no-engine.sock ('docker info' fails)"]
+
+
+def test_a_run_that_stops_names_its_failed_phase_in_the_summary_in_the_output_folder(tmp_path):
+    done = no_engine(tmp_path)
+    assert done.returncode == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["outcome"] == "failed" and summary["failed_phase"] == "preflight"
+    assert "docker-engine.sh" in summary["error"]
+    first, *rest = summary["phases"]
+    assert first["name"] == "preflight" and first["outcome"] == "failed" and first["seconds"] < 60
+    assert rest and all(phase["outcome"] == "not run" for phase in rest)
+    assert "teardown" in [phase["name"] for phase in rest]
+
+
+def test_the_summary_goes_where_kind_smoke_summary_says(tmp_path):
+    done = no_engine(tmp_path, KIND_SMOKE_SUMMARY=str(tmp_path / "elsewhere" / "smoke.json"))
+    assert done.returncode == 1
+    assert json.loads((tmp_path / "elsewhere" / "smoke.json").read_text())["failed_phase"] == "preflight"
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 def wrapped(tmp_path: Path, *arguments: str) -> list[str]:
@@ -43,11 +70,13 @@ def test_the_wrapper_turns_a_privileged_run_into_explicit_capabilities(tmp_path)
     got = wrapped(tmp_path, "run", "--name", "node", "--privileged", "--volume", "/var", "kindest/node:v1")
     assert "--privileged" not in got
     assert got[:3] == ["run", "--name", "node"] and got[-3:] == ["--volume", "/var", "kindest/node:v1"]
-    assert {"--cap-add=ALL", "--cap-drop=SYS_RESOURCE", "--security-opt=systempaths=unconfined", "--device=/dev/kmsg"} <= set(got)
+    assert {"--cap-add=ALL", "--cap-drop=SYS_RESOURCE", "--security-opt=systempaths=unconfined",
+            "--device=/dev/kmsg"} <= set(got)
 
 
 def test_the_wrapper_drops_privileged_from_exec_and_passes_the_rest_unchanged(tmp_path):
-    assert wrapped(tmp_path, "exec", "--privileged", "-i", "node", "ctr", "images", "import", "-") == ["exec", "-i", "node", "ctr", "images", "import", "-"]
+    got = wrapped(tmp_path, "exec", "--privileged", "-i", "node", "ctr", "images", "import", "-")
+    assert got == ["exec", "-i", "node", "ctr", "images", "import", "-"]
 
 
 def test_the_wrapper_leaves_other_commands_alone(tmp_path):
@@ -55,12 +84,13 @@ def test_the_wrapper_leaves_other_commands_alone(tmp_path):
 
 
 def mounted_below(directory: Path) -> list[str]:
-    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1].startswith(f"{directory}/")]
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return [point for point in points if point.startswith(f"{directory}/")]
 
 
 def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_build_can_start_over(tmp_path):
     """debootstrap mounts /proc in the node's root filesystem; killed, it leaves it there, and the next build
-    could not delete the directory (CI once failed so: 126,000 lines of 'rm: cannot remove .../proc/...')."""
+    could not delete the directory: rm cannot remove a file below a mounted /proc, and says so for each one."""
     rootfs = tmp_path / "kind-node" / "rootfs"
     (rootfs / "proc").mkdir(parents=True)
     subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")], check=True)
@@ -68,8 +98,9 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(rootfs / "dev" / "shm")], check=True)
     try:
         assert mounted_below(tmp_path) == [str(rootfs / "proc"), str(rootfs / "dev" / "shm")]
-        done = subprocess.run(["bash", "-c", 'source "$1" && unmount_below "$2"', "bash", str(ROOT / "k8s" / "kind" / "node-image.sh"),
-                               str(tmp_path / "kind-node")], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["bash", "-c", 'source "$1" && unmount_below "$2"', "bash",
+                               str(ROOT / "k8s" / "kind" / "node-image.sh"), str(tmp_path / "kind-node")],
+                              capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert mounted_below(tmp_path) == []
     finally:
@@ -81,16 +112,19 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
 def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replaces_the_last_build(tmp_path):
     """k8s/kind/preload.sh on the smoke test's node image with a one-file image in place of the serving one."""
     subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], check=True)
-    node = subprocess.run([str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True, check=True).stdout.split()[-1]
+    node = subprocess.run([str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True,
+                          check=True).stdout.split()[-1]
     serving = "mnist-serve-preload-test:1"
 
     def build_serving(content: str) -> None:
         (tmp_path / "file").write_text(content)
-        done = subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True, capture_output=True, text=True)
+        done = subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True,
+                              capture_output=True, text=True)
         built.append(done.stdout.strip())
 
     def preload() -> tuple[str, str]:
-        done = subprocess.run([str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True, text=True)
+        done = subprocess.run([str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True,
+                              text=True)
         assert done.returncode == 0, done.stderr
         return done.stdout.split()[-1], done.stderr
 
@@ -107,12 +141,12 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
         assert re.search(r"^preload: built \S+ in \d+ s$", said, re.MULTILINE), said
         assert inspect(first, ".Config.Entrypoint") == inspect(node, ".Config.Entrypoint") != "null"
         # What the cluster's node will find in its containerd: this image beside the control plane's.
-        subprocess.run(["docker", "run", "--detach", "--name", container, "--tmpfs", "/run", "--entrypoint", "containerd", first],
-                       check=True, capture_output=True)
+        subprocess.run(["docker", "run", "--detach", "--name", container, "--tmpfs", "/run", "--entrypoint",
+                        "containerd", first], check=True, capture_output=True)
         held = ""
         for _ in range(60):
-            done = subprocess.run(["docker", "exec", container, "ctr", "--namespace", "k8s.io", "images", "ls", "--quiet"],
-                                  capture_output=True, text=True)
+            done = subprocess.run(["docker", "exec", container, "ctr", "--namespace", "k8s.io", "images", "ls",
+                                   "--quiet"], capture_output=True, text=True)
             if done.returncode == 0:
                 held = done.stdout
                 break
@@ -127,33 +161,75 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
         second, said = preload()
         built.append(second)
         assert second != first and "built" in said
-        assert subprocess.run(["docker", "image", "inspect", first], capture_output=True).returncode != 0, "the last build's preloaded image stayed"
+        gone = subprocess.run(["docker", "image", "inspect", first], capture_output=True).returncode != 0
+        assert gone, "the last build's preloaded image stayed"
     finally:
         subprocess.run(["docker", "rm", "--force", container], capture_output=True)
         subprocess.run(["docker", "image", "rm", "--force", *built], capture_output=True)
 
 
 @pytest.mark.slow
-def test_kind_smoke_test_passes(archive):
-    """The whole smoke test on the tests' archive (the reference model); its figures are printed with -s."""
-    env = {**os.environ, "MODEL_ARCHIVE": str(archive), "MODEL_METRICS": str(reference_model_dir() / "metrics.json")}
+def test_kind_smoke_test_passes(archive, tmp_path):
+    """The whole smoke test on the tests' archive (the reference model), judged by its JSON summary; what it
+    printed is shown with -s."""
+    summary_file = tmp_path / "summary.json"
+    env = {**os.environ, "MODEL_ARCHIVE": str(archive), "MODEL_METRICS": str(reference_model_dir() / "metrics.json"),
+           "KIND_SMOKE_OUT": str(tmp_path), "KIND_SMOKE_SUMMARY": str(summary_file)}
     done = subprocess.run([str(ROOT / "k8s" / "kind-smoke.sh")], capture_output=True, text=True, timeout=3600, env=env)
     print(done.stdout[-8000:])
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-4000:]
-    assert done.stdout.rstrip().endswith("kind smoke test passed")
-    assert re.search(r"^host accommodations: ", done.stdout, re.MULTILINE)
-    assert re.search(r"^a pod with mnist-serve-client=allowed: reached; one without: blocked", done.stdout, re.MULTILINE)
-    upgrades = re.search(r"^under load through the Service, 2 connections: (\{.*\})", done.stdout, re.MULTILINE)
-    figures = json.loads(upgrades.group(1))
-    assert figures["requests"] > 100 and figures["failed"] == 0 and figures["dropped"] == 0
-    # Every pod after the upgrades serves registry version 2, its checksum checked.
-    assert re.search(r"registry version 2, sha256 [0-9a-f]{12} checked", done.stdout)
-    # The release cycle: two rollouts under load lose nothing and every answer names version 1 or 2; a version
-    # that does not load is rolled back without a failed request; a canary of one pod in three gets a share.
-    rollouts = json.loads(re.search(r"^rollouts under load through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
-    assert rollouts["failed"] == rollouts["dropped"] == 0 and set(rollouts["versions"]) == {"1", "2"}
-    assert re.search(r"^error: version 3 failed \(pod \S+ failed: the model does not load: .*\); rolled back: ", done.stdout, re.MULTILINE)
-    rolled_back = json.loads(re.search(r"^rolled back in \d+ s; meanwhile through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
-    assert rolled_back["failed"] == rolled_back["dropped"] == 0 and set(rolled_back["versions"]) == {"2"}
-    canary = json.loads(re.search(r"^with the canary, through the Service: (\{.*\})", done.stdout, re.MULTILINE).group(1))
-    assert set(canary["versions"]) == {"1", "2"} and canary["failed"] == 0
+    assert summary_file.is_file(), f"no summary (exit {done.returncode}): " + done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    outcomes = {phase["name"]: phase["outcome"] for phase in summary["phases"]}
+    assert (done.returncode, summary["outcome"]) == (0, "passed"), (
+        f"failed in {summary['failed_phase']}: {summary['error']}\n" + done.stdout[-4000:] + done.stderr[-4000:])
+    assert set(outcomes.values()) == {"passed"}, outcomes
+    figures = {phase["name"]: phase["figures"] for phase in summary["phases"]}
+
+    assert isinstance(figures["host_accommodations"]["host_accommodations"], list)
+    # Every form of 20 test digits answered, at most one read wrong a form.
+    digits = figures["digits"]["digits"]
+    assert len(digits["forms"]) == 6 and digits["asked"] == 120
+    assert all(form["asked"] == form["answered"] == 20 and form["right"] >= 19 for form in digits["forms"].values()), \
+        digits
+    malformed = figures["malformed_bodies"]["malformed_bodies"]
+    assert malformed["refused_with_a_reason"] == malformed["malformed"] == 4 and malformed["digit_after"]
+    assert all(400 <= status < 500 for status in malformed["statuses"].values()), malformed
+    assert figures["serving_container"]["uid"] == 1000
+    assert "Read-only file system" in figures["serving_container"]["touch_root"]
+    policy = figures["network_policy"]
+    assert policy["allowed"] == "reached" and policy["outside"].startswith("blocked"), policy
+
+    # Zero downtime through three upgrades; every serving pod after them fetched registry version 2, checked.
+    upgrades = figures["upgrades_under_load"]
+    assert upgrades["load"]["requests"] > 100 and lost(upgrades["load"]) == 0, upgrades
+    models = upgrades["serving_pods_model"]
+    assert len(models) >= 2, upgrades
+    assert all(re.fullmatch(r"registry version 2, sha256 [0-9a-f]{12} checked", model) for model in models), upgrades
+
+    # The release cycle: the rollout account may patch the Deployment and the serving pods' may not; two rollouts
+    # under load lose nothing and every answer names version 1 or 2; a version that does not load is rolled back
+    # without a failed request; a canary of one pod in three gets a share, and after its abort only 2 serves.
+    account = figures["rollout_account"]
+    assert account["rollout_account_may_patch"] is True and account["serving_account_may_patch"] is False
+    rollouts = figures["rollouts_under_load"]
+    assert lost(rollouts["load"]) == 0 and set(rollouts["load"]["versions"]) == {"1", "2"}, rollouts
+    assert rollouts["pinned_version"] == 2
+    failed = figures["failed_rollout"]
+    assert re.match(r"error: version 3 failed \(pod \S+ failed: the model does not load: .*\); rolled back: ",
+                    failed["refusal"]), failed
+    assert lost(failed["load"]) == 0 and set(failed["load"]["versions"]) == {"2"}, failed
+    assert failed["pinned_version"] == failed["production_version"] == 2
+    canary = figures["canary"]
+    assert set(canary["load"]["versions"]) == {"1", "2"} and canary["load"]["failed"] == 0, canary
+    assert canary["versions_after_abort"] == ["2", "2"]
+
+    killed = figures["killed_container"]
+    assert killed["restarts_after"] == killed["restarts_before"] + 1 and killed["ready_again_s"] < 300, killed
+    assert killed["load"]["answered"] > 0, killed
+    assert "/model/source" in figures["bad_values"]["refusal"]
+    assert "cannot reach the model registry" in figures["unreachable_registry"]["termination_message"]
+
+
+def lost(load: dict) -> int:
+    """Requests of a run of k8s/kind/load.py that failed or got no answer."""
+    return load["failed"] + load["dropped"]

@@ -10,7 +10,11 @@ versions: right answers per model version that answered them (the answer's "mode
 connection of its own, so the Service spreads them over its pods as it spreads connections.
 
 With --bad-bodies instead: malformed bodies once each, which must get a 4xx with a reason, then the digit,
-which must get its right answer; exits 1 if any does not.
+which must get its right answer; a line for each, then one JSON line,
+
+    {"statuses": {"a truncated PNG": 400, ...}, "refused_with_a_reason": N, "malformed": N, "digit_after": true}
+
+and exits 1 if any is not as it must be.
 """
 from __future__ import annotations
 
@@ -138,16 +142,19 @@ def check_bad_bodies(url: str, digit: dict, timeout: float) -> int:
         "a 27 x 28 pixel array": (json.dumps(digit["pixels"][1:]).encode(), "application/json"),
         "plain text": (b"seven", "text/plain"),
     }
-    failures = 0
+    statuses = {}
+    refused = 0
     for name, (body, content_type) in bad.items():
         status, answer = post(url, body, content_type, timeout)
+        statuses[name] = status
         right = 400 <= status < 500 and bool(answer.get("error"))
-        failures += not right
+        refused += right
         print(f"{'ok' if right else 'FAIL'}: {name}: HTTP {status}, {str(answer.get('error', answer))[:100]}")
-    right = right_answer(url, good, digit["label"], timeout)
-    failures += not right
-    print(f"{'ok' if right else 'FAIL'}: then the test digit: {'read right' if right else 'not read right'}")
-    return 1 if failures else 0
+    digit_after = right_answer(url, good, digit["label"], timeout)
+    print(f"{'ok' if digit_after else 'FAIL'}: then the test digit: {'' if digit_after else 'not '}read right")
+    print(json.dumps({"statuses": statuses, "refused_with_a_reason": refused, "malformed": len(bad),
+                      "digit_after": digit_after}), flush=True)
+    return 0 if refused == len(bad) and digit_after else 1
 
 
 if __name__ == "__main__":
