@@ -1,5 +1,6 @@
 """A big model archive for publishes that must take many chunks: the soak cuts one off mid-way, and the
 registry tests kill or interrupt theirs. A module of its own so those tests need none of the soak's load code."""
+
 from __future__ import annotations
 
 import json

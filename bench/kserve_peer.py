@@ -7,6 +7,7 @@ serving image. KServe's own flags pass through:
     PROJECT_SITE_PACKAGES=.venv/lib/python3.11/site-packages \
     PEER_VENV/bin/python -m bench.kserve_peer --model model.pt --http_port 8090 --workers 2
 """
+
 from __future__ import annotations
 
 import argparse

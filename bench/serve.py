@@ -1,5 +1,6 @@
 """Benchmark the served model with wrk beside its peer, KServe's model server running the same model with the
 same decoding, and beside the model in-process; print the figures, the server CPU per request and the targets."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,18 +18,18 @@ import threading
 import time
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import psutil
 import torch
 
 from handler import inputs
+from handler.archive import MODEL_CONFIG, MODEL_NAME
 from handler.client import encoded
 from handler.mnist_handler import answer
-from handler.archive import MODEL_CONFIG, MODEL_NAME
 from handler.server import CONFIG, Ports, Server, start_torchserve, stop
 from registry.model_archive import manifest_of
 
@@ -78,7 +79,7 @@ class MemoryPeaks:
     peaks: dict[str, int] = field(default_factory=dict)  # "frontend (JVM)" / "worker <pid>" -> bytes
     peak_pss: int = 0
 
-    def __enter__(self) -> "MemoryPeaks":
+    def __enter__(self) -> MemoryPeaks:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -144,7 +145,10 @@ def rate(work, items: list, seconds: float) -> float:
 
 
 def in_process_rates(
-    model: torch.jit.ScriptModule, images: np.ndarray, pngs: list[bytes], seconds: float,
+    model: torch.jit.ScriptModule,
+    images: np.ndarray,
+    pngs: list[bytes],
+    seconds: float,
 ) -> tuple[float, float]:
     """Images per second on one thread, batch 1: the model alone, and a worker's whole path
     (decode the PNG, forward pass, softmax, answer JSON)."""
@@ -166,8 +170,17 @@ def in_process_rates(
 
 def run_wrk(url: str, files: list[Path], connections: int, seconds: float) -> Level:
     command = [
-        "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
-        "-s", str(WRK_SCRIPT), url, "--", *map(str, files),
+        "wrk",
+        f"-t{min(2, connections)}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+        "--",
+        *map(str, files),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
@@ -221,21 +234,37 @@ def kserve_peer(model: Path, workers: int, log: Path) -> Iterator[Contender]:
     ports = Ports.free()  # distinct ports for its HTTP and gRPC listeners
     port, grpc_port = ports.inference, ports.grpc_inference
     command = [
-        str(venv / "bin" / "python"), "-m", "bench.kserve_peer", "--model", str(model),
-        "--http_port", str(port), "--grpc_port", str(grpc_port), "--workers", str(workers),
+        str(venv / "bin" / "python"),
+        "-m",
+        "bench.kserve_peer",
+        "--model",
+        str(model),
+        "--http_port",
+        str(port),
+        "--grpc_port",
+        str(grpc_port),
+        "--workers",
+        str(workers),
         # gRPC off and no latency line per request: what a REST deployment of it would run.
-        "--enable_grpc", "false", "--enable_latency_logging", "false",
+        "--enable_grpc",
+        "false",
+        "--enable_latency_logging",
+        "false",
     ]
     environment = {**os.environ, "PROJECT_SITE_PACKAGES": sysconfig.get_paths()["purelib"], "OMP_NUM_THREADS": "1"}
     with log.open("ab") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(f"{base}/v1/models/{MODEL_NAME}", process, log)
         root = psutil.Process(process.pid)
-        yield Contender(f"KServe {KSERVE_VERSION}, {workers} worker{'s' * (workers > 1)}",
-                        f"{base}/v1/models/{MODEL_NAME}:predict", lambda: [root, *root.children(recursive=True)])
+        yield Contender(
+            f"KServe {KSERVE_VERSION}, {workers} worker{'s' * (workers > 1)}",
+            f"{base}/v1/models/{MODEL_NAME}:predict",
+            lambda: [root, *root.children(recursive=True)],
+        )
     finally:
         stop(process)
 
@@ -244,8 +273,9 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the KServe peer exited ({process.returncode}); its log, {log}, ends:\n"
-                               f"{log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"the KServe peer exited ({process.returncode}); its log, {log}, ends:\n{log.read_text()[-2000:]}"
+            )
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if json.loads(answer.read()).get("ready"):
@@ -258,14 +288,30 @@ def null_archive(directory: Path) -> Path:
     """An archive whose handler does nothing (a fixed answer), with our batch and worker settings:
     what TorchServe itself costs per request, the floor under any handler."""
     handler = directory / "null_handler.py"
-    handler.write_text("def handle(data, context):\n"
-                       "    return None if data is None else ['{\"digit\": 0}'] * len(data)\n")
+    handler.write_text(
+        "def handle(data, context):\n    return None if data is None else ['{\"digit\": 0}'] * len(data)\n"
+    )
     store = directory / "null-store"
     store.mkdir()
     subprocess.run(
-        [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME, "--version", "1",
-         "--handler", str(handler), "--config-file", str(MODEL_CONFIG), "--export-path", str(store)],
-        check=True, capture_output=True, env={**os.environ, "TMPDIR": str(directory)},
+        [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            MODEL_NAME,
+            "--version",
+            "1",
+            "--handler",
+            str(handler),
+            "--config-file",
+            str(MODEL_CONFIG),
+            "--export-path",
+            str(store),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "TMPDIR": str(directory)},
     )
     return store / f"{MODEL_NAME}.mar"
 
@@ -302,23 +348,29 @@ def measure_side_by_side(contenders: list[Contender], files: list[Path], levels:
         for connections in levels:
             for contender in order:
                 level = contender.measure(files, connections, seconds)
-                print(f"  {contender.name:<34} {connections:>3} connections: {level.rate:>6,.0f} req/s, "
-                      f"p50 {level.p50_ms:5.2f} ms, p99 {level.p99_ms:6.2f} ms, CPU {level.cpu_ms:.2f} ms/request",
-                      flush=True)
+                print(
+                    f"  {contender.name:<34} {connections:>3} connections: {level.rate:>6,.0f} req/s, "
+                    f"p50 {level.p50_ms:5.2f} ms, p99 {level.p99_ms:6.2f} ms, CPU {level.cpu_ms:.2f} ms/request",
+                    flush=True,
+                )
 
 
 def print_table(ours: Contender, peer: Contender, levels: list[int]) -> None:
     print()
     print("mean of the two rounds (req/s: round 1 / round 2)")
-    print(f"{'connections':>11}  {'server':<34} {'req/s':>15}  {'p50 ms':>6}  {'p99 ms':>6}  {'CPU ms/req':>10}  "
-          f"{'errors':>6}")
+    print(
+        f"{'connections':>11}  {'server':<34} {'req/s':>15}  {'p50 ms':>6}  {'p99 ms':>6}  {'CPU ms/req':>10}  "
+        f"{'errors':>6}"
+    )
     for connections in levels:
         for contender in (ours, peer):
             rounds = " / ".join(f"{level.rate:,.0f}" for level in contender.levels[connections])
             errors = sum(level.errors for level in contender.levels[connections])
             p50, p99, cpu = (contender.mean(connections, figure) for figure in ("p50_ms", "p99_ms", "cpu_ms"))
-            print(f"{connections:>11}  {contender.name:<34} {rounds:>15}  {p50:>6.2f}  {p99:>6.2f}  {cpu:>10.2f}  "
-                  f"{errors:>6}")
+            print(
+                f"{connections:>11}  {contender.name:<34} {rounds:>15}  {p50:>6.2f}  {p99:>6.2f}  {cpu:>10.2f}  "
+                f"{errors:>6}"
+            )
         ratio = ours.mean(connections, "rate") / peer.mean(connections, "rate")
         print(f"{'':>11}  {'ours / peer':<34} {ratio:>14.2f}x")
 
@@ -334,14 +386,23 @@ def print_targets(ours: Contender, peer: Contender, forward_rate: float, levels:
     for target, figure, met in (
         (f"{lone} connection: p50 <= {TARGET_LONE_P50_MS:g} ms", f"{lone_p50:.2f} ms", lone_p50 <= TARGET_LONE_P50_MS),
         (f"{lone} connection: >= {TARGET_LONE_RPS} req/s", f"{lone_rate:,.0f} req/s", lone_rate >= TARGET_LONE_RPS),
-        (f"{lone} connection: CPU <= {TARGET_LONE_CPU_MS:g} ms/request", f"{lone_cpu:.2f} ms",
-         lone_cpu <= TARGET_LONE_CPU_MS),
-        (f"{top} connections: >= {TARGET_OVER_PEER:g} x the peer's req/s", f"{over_peer:.2f} x",
-         over_peer >= TARGET_OVER_PEER),
+        (
+            f"{lone} connection: CPU <= {TARGET_LONE_CPU_MS:g} ms/request",
+            f"{lone_cpu:.2f} ms",
+            lone_cpu <= TARGET_LONE_CPU_MS,
+        ),
+        (
+            f"{top} connections: >= {TARGET_OVER_PEER:g} x the peer's req/s",
+            f"{over_peer:.2f} x",
+            over_peer >= TARGET_OVER_PEER,
+        ),
         (f"{top} connections: >= {TARGET_RPS:,} req/s", f"{rate:,.0f} req/s", rate >= TARGET_RPS),
         (f"{top} connections: p99 <= {TARGET_P99_MS:g} ms", f"{top_p99:.1f} ms", top_p99 <= TARGET_P99_MS),
-        (f"served >= {TARGET_RATIO} x in-process batch 1",
-         f"{rate / forward_rate:.2f} x ({rate:,.0f} / {forward_rate:,.0f})", rate >= TARGET_RATIO * forward_rate),
+        (
+            f"served >= {TARGET_RATIO} x in-process batch 1",
+            f"{rate / forward_rate:.2f} x ({rate:,.0f} / {forward_rate:,.0f})",
+            rate >= TARGET_RATIO * forward_rate,
+        ),
         ("0 errors, every level", f"{errors} errors", errors == 0),
     ):
         print(f"  {target:<42} {figure:<28} {verdict(met)}")
@@ -350,16 +411,30 @@ def print_targets(ours: Contender, peer: Contender, forward_rate: float, levels:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__)
-    parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"),
-                        help="model archive (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=15.0,
-                        help="duration of each load level, per server and round (default: %(default)s)")
-    parser.add_argument("--connections", type=lambda text: [int(n) for n in text.split(",")], default=list(LEVELS),
-                        help="load levels (default: 1,16,64)")
-    parser.add_argument("--peer-workers", type=int, default=2,
-                        help="KServe worker processes (default: %(default)s, as many as ours)")
-    parser.add_argument("--logs", type=Path, default=Path("artifacts/logs/bench"),
-                        help="the servers' logs (default: %(default)s)")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=Path("artifacts/model-store/mnist.mar"),
+        help="model archive (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=15.0,
+        help="duration of each load level, per server and round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=list(LEVELS),
+        help="load levels (default: 1,16,64)",
+    )
+    parser.add_argument(
+        "--peer-workers", type=int, default=2, help="KServe worker processes (default: %(default)s, as many as ours)"
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=Path("artifacts/logs/bench"), help="the servers' logs (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("error: wrk is not installed; scripts/with-wrk.sh installs it (apt-get install wrk)", file=sys.stderr)
@@ -373,20 +448,27 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(tmp) / "model.pt"
         # In-process first, on a machine without the servers running.
         pngs = [f.read_bytes() for f in files]
-        forward_rate, path_rate = in_process_rates(load_model(args.archive, Path(tmp)), images, pngs,
-                                                   min(args.seconds, 10))
-        print(f"in-process, batch 1, 1 thread: model {forward_rate:,.0f} img/s; "
-              f"decode PNG + model + answer JSON {path_rate:,.0f} img/s ({1e6 / path_rate:.0f} us each)")
+        forward_rate, path_rate = in_process_rates(
+            load_model(args.archive, Path(tmp)), images, pngs, min(args.seconds, 10)
+        )
+        print(
+            f"in-process, batch 1, 1 thread: model {forward_rate:,.0f} img/s; "
+            f"decode PNG + model + answer JSON {path_rate:,.0f} img/s ({1e6 / path_rate:.0f} us each)"
+        )
         # TorchServe with a handler that does nothing: what the frontend and its batching cost alone.
         with start_torchserve(null_archive(Path(tmp)), args.logs / "null-handler", Ports.free()) as server:
             floor = Contender("TorchServe, a no-op handler", server.url(), processes_of(server))
             warm_up(floor.url, files, max(args.connections), args.seconds)
             lone = floor.measure(files, 1, min(args.seconds, 10))
-        print(f"TorchServe alone (a no-op handler, our batch settings), 1 connection: {lone.rate:,.0f} req/s, "
-              f"p50 {lone.p50_ms:.2f} ms, CPU {lone.cpu_ms:.2f} ms/request: the floor under any handler")
+        print(
+            f"TorchServe alone (a no-op handler, our batch settings), 1 connection: {lone.rate:,.0f} req/s, "
+            f"p50 {lone.p50_ms:.2f} ms, CPU {lone.cpu_ms:.2f} ms/request: the floor under any handler"
+        )
         print("side by side, same model, same decoding, same 100 real test digits as image/png bodies:")
-        with start_torchserve(args.archive, args.logs, Ports.free()) as server, \
-                kserve_peer(model, args.peer_workers, args.logs / "kserve.log") as peer:
+        with (
+            start_torchserve(args.archive, args.logs, Ports.free()) as server,
+            kserve_peer(model, args.peer_workers, args.logs / "kserve.log") as peer,
+        ):
             ours = Contender("ours (TorchServe 0.12)", server.url(), processes_of(server))
             with MemoryPeaks(server) as memory:
                 measure_side_by_side([ours, peer], files, args.connections, args.seconds)
@@ -397,10 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"our peak resident memory under load (JVM heap {jvm_heap()}):")
     for name, peak in sorted(memory.peaks.items()):
         print(f"  {name:<16} {peak / 2**20:>6,.0f} MiB")
-    print(f"  {'sum':<16} {sum(memory.peaks.values()) / 2**20:>6,.0f} MiB "
-          "(RSS counts the workers' shared torch libraries twice)")
-    print(f"  {'PSS, all':<16} {memory.peak_pss / 2**20:>6,.0f} MiB "
-          "(shared pages counted once: what the pod's memory limit must cover)")
+    print(
+        f"  {'sum':<16} {sum(memory.peaks.values()) / 2**20:>6,.0f} MiB "
+        "(RSS counts the workers' shared torch libraries twice)"
+    )
+    print(
+        f"  {'PSS, all':<16} {memory.peak_pss / 2**20:>6,.0f} MiB "
+        "(shared pages counted once: what the pod's memory limit must cover)"
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ version publishes cleanly.
 
 The whole run is bounded (--minutes plus 15 minutes) and everything listens on 127.0.0.1 only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ TARGET_RSS_GROWTH = 0.10  # "memory flat": no process more than 10 % above its s
 
 # --- load --------------------------------------------------------------------------------------
 
+
 def malformed(png: bytes) -> dict[str, tuple[bytes, str, int]]:
     """The malformed requests mixed into the load, built around one digit's PNG: kind -> (body, Content-Type,
     the status the server answers). tests/test_reliability.py sends the same ones."""
@@ -86,8 +88,20 @@ def wrk_arguments(directory: Path) -> list[str]:
 
 
 def run_wrk(url: str, files: list[str], bad_every: int, connections: int, seconds: float) -> dict:
-    command = ["wrk", f"-t{connections}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
-               "-s", str(WRK_SCRIPT), url, "--", str(bad_every), *files]
+    command = [
+        "wrk",
+        f"-t{connections}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+        "--",
+        str(bad_every),
+        *files,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
@@ -168,17 +182,24 @@ def soak(archive: Path, logs: Path, minutes: int, connections: int, bad_share: f
         with start_torchserve(archive, logs, Ports.free()) as server:
             run_wrk(server.url(), files, bad_every, connections, WARM_UP_S)  # the JVM's JIT and the workers warm up
             start_sizes = sizes(server)
-            print(f"TorchServe up on 127.0.0.1:{server.ports.inference}, warmed up for {WARM_UP_S} s. "
-                  f"{minutes} runs of wrk, 60 s each, at {connections} connections; "
-                  f"1 request in {bad_every} malformed ({', '.join(kinds)}); "
-                  f"a worker killed {KILL_AFTER_S} s into minute {kill_minute or '-'}.\n")
-            print(f"{'minute':>6} {'digits':>10} {'2xx':>9} {'failed':>6} {'malformed':>9} {'4xx':>7} {'failed':>6} "
-                  f"{'5xx':>4} {'dropped':>7} {'req/s':>6} {'p50 ms':>6} {'p99 ms':>6} {'max ms':>6}")
+            print(
+                f"TorchServe up on 127.0.0.1:{server.ports.inference}, warmed up for {WARM_UP_S} s. "
+                f"{minutes} runs of wrk, 60 s each, at {connections} connections; "
+                f"1 request in {bad_every} malformed ({', '.join(kinds)}); "
+                f"a worker killed {KILL_AFTER_S} s into minute {kill_minute or '-'}.\n"
+            )
+            print(
+                f"{'minute':>6} {'digits':>10} {'2xx':>9} {'failed':>6} {'malformed':>9} {'4xx':>7} {'failed':>6} "
+                f"{'5xx':>4} {'dropped':>7} {'req/s':>6} {'p50 ms':>6} {'p99 ms':>6} {'max ms':>6}"
+            )
             with MemoryPeaks(server) as memory:
                 for number in range(1, minutes + 1):
                     killed: list[float] = []
-                    timer = (threading.Timer(KILL_AFTER_S, lambda: killed.append(kill_a_worker(server)))
-                             if number == kill_minute else None)
+                    timer = (
+                        threading.Timer(KILL_AFTER_S, lambda killed=killed: killed.append(kill_a_worker(server)))
+                        if number == kill_minute
+                        else None
+                    )
                     if timer:
                         timer.start()
                     figures = run_wrk(server.url(), files, bad_every, connections, 60)
@@ -186,24 +207,30 @@ def soak(archive: Path, logs: Path, minutes: int, connections: int, bad_share: f
                         timer.join()
                     minute = Minute(number, figures, killed[0] if killed else None)
                     results.append(minute)
-                    print(f"{number:>6} {minute.answered('good'):>10,} {minute.count('good', '2xx'):>9,} "
-                          f"{minute.failed('good'):>6,} {minute.answered('bad'):>9,} {minute.count('bad', '4xx'):>7,} "
-                          f"{sum(minute.failed(k) for k in kinds):>6,} {minute.five_xx:>4,} {minute.dropped:>7,} "
-                          f"{minute.rate:>6,.0f} {figures['p50_ms']:>6.1f} {figures['p99_ms']:>6.1f} "
-                          f"{figures['max_ms']:>6.0f}" + ("   <- worker killed" if killed else ""), flush=True)
+                    print(
+                        f"{number:>6} {minute.answered('good'):>10,} {minute.count('good', '2xx'):>9,} "
+                        f"{minute.failed('good'):>6,} {minute.answered('bad'):>9,} {minute.count('bad', '4xx'):>7,} "
+                        f"{sum(minute.failed(k) for k in kinds):>6,} {minute.five_xx:>4,} {minute.dropped:>7,} "
+                        f"{minute.rate:>6,.0f} {figures['p50_ms']:>6.1f} {figures['p99_ms']:>6.1f} "
+                        f"{figures['max_ms']:>6.0f}" + ("   <- worker killed" if killed else ""),
+                        flush=True,
+                    )
                 end_sizes = sizes(server)
     return report_load(results, kinds, start_sizes, end_sizes, memory.peaks)
 
 
-def report_load(results: list[Minute], kinds: list[str], start: dict[str, int], end: dict[str, int],
-                peaks: dict[str, int]) -> bool:
+def report_load(
+    results: list[Minute], kinds: list[str], start: dict[str, int], end: dict[str, int], peaks: dict[str, int]
+) -> bool:
     steady = [m for m in results if m.killed_at is None]
     killed = [m for m in results if m.killed_at is not None]
     unanswered = max(m.count("good", "unanswered") + m.count("bad", "unanswered") for m in results)
     resent = sum(m.wrk["resent"] for m in results)
-    print("(requests answered; failed: a digit answered other than 2xx, a malformed body other than 4xx, each answer "
-          f"matched to its request. Left out: at most {unanswered} a minute in flight when wrk stopped. {resent} were "
-          "sent again because no answer came: a dropped connection, or a first write that could not start)")
+    print(
+        "(requests answered; failed: a digit answered other than 2xx, a malformed body other than 4xx, each answer "
+        f"matched to its request. Left out: at most {unanswered} a minute in flight when wrk stopped. {resent} were "
+        "sent again because no answer came: a dropped connection, or a first write that could not start)"
+    )
 
     print(f"\n{'malformed kind':<16} {'answered':>8} {'4xx':>7} {'other':>6}   (all minutes)")
     for kind in kinds:
@@ -216,8 +243,10 @@ def report_load(results: list[Minute], kinds: list[str], start: dict[str, int], 
         after = f"{mib(end[name])} ({growth[name]:+.1%})" if name in end else "killed"
         print(f"  {name:<16} {mib(start[name]):>8} -> {after:<20} (peak {mib(peaks.get(name, start[name]))})")
     for name in end.keys() - start.keys():
-        print(f"  {name:<16} {'(new)':>8} -> {mib(end[name]):<20} (peak {mib(peaks.get(name, end[name]))})   "
-              "the killed worker's replacement")
+        print(
+            f"  {name:<16} {'(new)':>8} -> {mib(end[name]):<20} (peak {mib(peaks.get(name, end[name]))})   "
+            "the killed worker's replacement"
+        )
 
     good_failed = sum(m.failed("good") for m in steady)
     bad_failed = sum(m.failed(kind) for m in steady for kind in kinds)
@@ -231,20 +260,36 @@ def report_load(results: list[Minute], kinds: list[str], start: dict[str, int], 
         ("malformed requests without a 4xx", f"{bad_failed}", "0", bad_failed == 0),
         ("5xx answers", f"{five_xx}", "0", five_xx == 0),
         ("dropped connections (socket errors, timeouts)", f"{dropped}", "0", dropped == 0),
-        ("p99 per minute, worst / best", f"{max(p99s):.1f} / {min(p99s):.1f} ms = {spread:.2f}",
-         f"<= {TARGET_P99_SPREAD:g}", spread <= TARGET_P99_SPREAD),
-        ("largest RSS growth of a process", f"{worst_growth:+.1%}", f"<= {TARGET_RSS_GROWTH:+.0%}",
-         worst_growth <= TARGET_RSS_GROWTH),
+        (
+            "p99 per minute, worst / best",
+            f"{max(p99s):.1f} / {min(p99s):.1f} ms = {spread:.2f}",
+            f"<= {TARGET_P99_SPREAD:g}",
+            spread <= TARGET_P99_SPREAD,
+        ),
+        (
+            "largest RSS growth of a process",
+            f"{worst_growth:+.1%}",
+            f"<= {TARGET_RSS_GROWTH:+.0%}",
+            worst_growth <= TARGET_RSS_GROWTH,
+        ),
     ]
     for minute in killed:
         rate, lowest, back = recovery(minute.wrk["ok_per_second"], minute.killed_at)
         failed = sum(minute.failed(kind) for kind in ["good", *kinds])
-        print(f"\nworker kill (minute {minute.number}, SIGKILL {KILL_AFTER_S} s in): {failed} requests failed "
-              f"({minute.five_xx} answered 5xx), {minute.dropped} dropped connections; 2xx rate before the kill "
-              f"{rate:,.0f}/s, lowest second after it {lowest:,}/s, back to {RECOVERED:.0%} of the rate "
-              f"{f'{back} s' if back is not None else 'not within the minute'} after the kill (whole seconds)")
-        checks.append((f"throughput back to {RECOVERED:.0%} after the worker kill",
-                       f"{back} s" if back is not None else "no", "within the minute", back is not None))
+        print(
+            f"\nworker kill (minute {minute.number}, SIGKILL {KILL_AFTER_S} s in): {failed} requests failed "
+            f"({minute.five_xx} answered 5xx), {minute.dropped} dropped connections; 2xx rate before the kill "
+            f"{rate:,.0f}/s, lowest second after it {lowest:,}/s, back to {RECOVERED:.0%} of the rate "
+            f"{f'{back} s' if back is not None else 'not within the minute'} after the kill (whole seconds)"
+        )
+        checks.append(
+            (
+                f"throughput back to {RECOVERED:.0%} after the worker kill",
+                f"{back} s" if back is not None else "no",
+                "within the minute",
+                back is not None,
+            )
+        )
 
     print(f"\n{'check (minutes without the kill; memory over all)':<50} {'measured':<30} target")
     for name, measured, target, met in checks:
@@ -254,9 +299,11 @@ def report_load(results: list[Minute], kinds: list[str], start: dict[str, int], 
 
 # --- the registry through a database restart -----------------------------------------------------
 
+
 def registry(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "registry.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "registry.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @dataclass
@@ -274,8 +321,9 @@ class RestartFigures:
     republished: subprocess.CompletedProcess
 
 
-def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path, metrics: Path, work: Path,
-                               retry_s: float = 6) -> RestartFigures:
+def registry_through_a_restart(
+    node: CassandraNode, keyspace: str, archive: Path, metrics: Path, work: Path, retry_s: float = 6
+) -> RestartFigures:
     """On a running `node`: publish `archive` as version "1" in `keyspace`, then the three restarts; the node is up at
     the end."""
     from registry import db
@@ -293,9 +341,23 @@ def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path
     failed_after = time.monotonic() - started
 
     started = time.monotonic()
-    waiting = subprocess.Popen([sys.executable, "-m", "registry.cli", "download", "1",
-                                "--out", str(work / "after-restart"), "--retry-seconds", "120"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "registry.cli",
+            "download",
+            "1",
+            "--out",
+            str(work / "after-restart"),
+            "--retry-seconds",
+            "120",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # The node starts only once the download has failed a first time, however slowly a busy machine starts it.
     before = ""
     while "attempt 1 failed" not in before and (line := waiting.stderr.readline()):
@@ -325,8 +387,19 @@ def registry_through_a_restart(node: CassandraNode, keyspace: str, archive: Path
     node.up()
     listed = registry(env, "list")
     republished = registry(env, "publish", str(big), "--metrics", str(metrics), "--version", "big")
-    return RestartFigures(failed, failed_after, restart, recovered, finished - started, finished - answering,
-                          written["chunks"], chunk_count(big.stat().st_size), error, listed, republished)
+    return RestartFigures(
+        failed,
+        failed_after,
+        restart,
+        recovered,
+        finished - started,
+        finished - answering,
+        written["chunks"],
+        chunk_count(big.stat().st_size),
+        error,
+        listed,
+        republished,
+    )
 
 
 def listed_versions(listed: subprocess.CompletedProcess) -> list[str]:
@@ -340,19 +413,27 @@ def report_registry(figures: RestartFigures, retry_s: float) -> bool:
     last = f.failed_download.stderr.strip().splitlines()[-1] if f.failed_download.stderr.strip() else ""
     retries = f.recovered_download.stderr.count("attempt ")
     versions = listed_versions(f.listed_after_interruption)
-    print(f"\nnode down: `mnist-registry download 1 --retry-seconds {retry_s:g}` tried {attempts + 1} times "
-          f"(one stderr line each), exit {f.failed_download.returncode} after {f.failed_after_s:.1f} s with:\n  {last}")
-    print(f"restart: a download started with the node down retried {retries} times; the node took {f.restart_s:.1f} s "
-          f"to answer; the download exited {f.recovered_download.returncode} {f.recovered_after_up_s:.1f} s after that "
-          f"({f.recovered_after_s:.1f} s after it began): {f.recovered_download.stdout.strip()}")
-    print(f"publish cut off by the node stopping, after {f.interrupted_after_chunks} of {f.interrupted_of_chunks} "
-          "chunks: "
-          f"{'error: ' + f.interrupted_error[:160] if f.interrupted_error else 'NO ERROR'}; "
-          f"after the restart `mnist-registry list` shows versions {', '.join(versions) or 'none'}; "
-          f"the same version published again: exit {f.republished.returncode}")
+    print(
+        f"\nnode down: `mnist-registry download 1 --retry-seconds {retry_s:g}` tried {attempts + 1} times "
+        f"(one stderr line each), exit {f.failed_download.returncode} after {f.failed_after_s:.1f} s with:\n  {last}"
+    )
+    print(
+        f"restart: a download started with the node down retried {retries} times; the node took {f.restart_s:.1f} s "
+        f"to answer; the download exited {f.recovered_download.returncode} {f.recovered_after_up_s:.1f} s after that "
+        f"({f.recovered_after_s:.1f} s after it began): {f.recovered_download.stdout.strip()}"
+    )
+    print(
+        f"publish cut off by the node stopping, after {f.interrupted_after_chunks} of {f.interrupted_of_chunks} "
+        "chunks: "
+        f"{'error: ' + f.interrupted_error[:160] if f.interrupted_error else 'NO ERROR'}; "
+        f"after the restart `mnist-registry list` shows versions {', '.join(versions) or 'none'}; "
+        f"the same version published again: exit {f.republished.returncode}"
+    )
     checks = [
-        ("download with the node down retries, then fails in one error line",
-         attempts >= 2 and f.failed_download.returncode == 1 and last.startswith("error: ")),
+        (
+            "download with the node down retries, then fails in one error line",
+            attempts >= 2 and f.failed_download.returncode == 1 and last.startswith("error: "),
+        ),
         ("download across the restart succeeds", f.recovered_download.returncode == 0),
         ("the interrupted publish failed and left no visible version", bool(f.interrupted_error) and versions == ["1"]),
         ("the same version publishes afterwards", f.republished.returncode == 0),
@@ -363,8 +444,11 @@ def report_registry(figures: RestartFigures, retry_s: float) -> bool:
 
 
 def registry_phase(archive: Path, metrics: Path) -> bool:
-    print("\nthe registry through a database restart, on a Cassandra node of its own at "
-          f"127.0.0.1:{CassandraNode.port} (the shared node is not touched); starting it...", flush=True)
+    print(
+        "\nthe registry through a database restart, on a Cassandra node of its own at "
+        f"127.0.0.1:{CassandraNode.port} (the shared node is not touched); starting it...",
+        flush=True,
+    )
     with scratch_node() as node, tempfile.TemporaryDirectory(prefix="soak-registry-") as tmp:
         retry_s = 6
         figures = registry_through_a_restart(node, "soak", archive, metrics, Path(tmp), retry_s)
@@ -372,39 +456,61 @@ def registry_phase(archive: Path, metrics: Path) -> bool:
 
 
 def out_of_time(signum, frame) -> None:
-    raise TimeoutError("the soak went over its time bound; stopped "
-                       "(TorchServe and the scratch node are stopped on the way out)")
+    raise TimeoutError(
+        "the soak went over its time bound; stopped (TorchServe and the scratch node are stopped on the way out)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"),
-                        help="model archive (default: %(default)s)")
-    parser.add_argument("--metrics", type=Path, default=Path("artifacts/metrics.json"),
-                        help="its metrics.json, for the registry phase (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=Path("artifacts/model-store/mnist.mar"),
+        help="model archive (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=Path("artifacts/metrics.json"),
+        help="its metrics.json, for the registry phase (default: %(default)s)",
+    )
     parser.add_argument("--minutes", type=int, default=5, help="minutes of load (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=64, help="concurrent connections (default: %(default)s)")
-    parser.add_argument("--bad-share", type=float, default=0.10,
-                        help="share of malformed requests (default: %(default)s)")
-    parser.add_argument("--kill-minute", type=int,
-                        help="minute in which a worker is killed (default: the middle one; 0: none)")
+    parser.add_argument(
+        "--bad-share", type=float, default=0.10, help="share of malformed requests (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--kill-minute", type=int, help="minute in which a worker is killed (default: the middle one; 0: none)"
+    )
     parser.add_argument("--skip-load", action="store_true", help="only the registry phase")
     parser.add_argument("--skip-registry", action="store_true", help="only the load phase")
-    parser.add_argument("--logs", type=Path, default=Path("artifacts/logs/soak"),
-                        help="TorchServe's logs (default: %(default)s)")
+    parser.add_argument(
+        "--logs", type=Path, default=Path("artifacts/logs/soak"), help="TorchServe's logs (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     kill_minute = args.minutes // 2 + 1 if args.kill_minute is None else args.kill_minute
-    if (args.minutes < 2 or not 0 < args.bad_share <= 0.5 or args.connections < 1
-            or not 0 <= kill_minute <= args.minutes):
-        parser.error("--minutes must be at least 2 (one with the kill, one without), --bad-share in (0, 0.5], "
-                     "--connections at least 1, --kill-minute within the minutes")
+    if (
+        args.minutes < 2
+        or not 0 < args.bad_share <= 0.5
+        or args.connections < 1
+        or not 0 <= kill_minute <= args.minutes
+    ):
+        parser.error(
+            "--minutes must be at least 2 (one with the kill, one without), --bad-share in (0, 0.5], "
+            "--connections at least 1, --kill-minute within the minutes"
+        )
     if not args.skip_load and not shutil.which("wrk"):
         print("error: wrk is not installed; scripts/with-wrk.sh installs it (apt-get install wrk)", file=sys.stderr)
         return 1
     if not args.skip_registry and not args.metrics.is_file():
-        print(f"error: {args.metrics}: no such file; the registry phase publishes the archive with its metrics "
-              "(make train writes them)", file=sys.stderr)
+        print(
+            f"error: {args.metrics}: no such file; the registry phase publishes the archive with its metrics "
+            "(make train writes them)",
+            file=sys.stderr,
+        )
         return 1
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(args.minutes * 60 + SLACK_S)

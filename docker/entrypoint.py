@@ -28,6 +28,7 @@ Settings, from the environment (the image sets the paths; the chart sets the res
 Each step is a module of the package startup/ beside this file: a package, so one name (startup) is added to
 what imports find, not seven; not named docker, which would shadow the Docker SDK.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 # however this file is started: as a program, or loaded by a test.
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from handler.server import MODEL_NAME, served_model_environment  # noqa: E402 (needs the path above)
 from startup.archive import check_archive, fetch_archive  # noqa: E402
 from startup.java import java_command, java_environment  # noqa: E402
 from startup.readiness import mark_ready, wait_until_ready  # noqa: E402
@@ -47,6 +47,8 @@ from startup.report import StartupError, report, report_exit, say, stopped_befor
 from startup.run_config import inference_port, write_run_config  # noqa: E402
 from startup.settings import require_writable, settings_from, termination_log_from  # noqa: E402
 from startup.supervisor import Stopped, StopSignals, Supervisor  # noqa: E402
+
+from handler.server import MODEL_NAME, served_model_environment  # noqa: E402 (needs the path above)
 
 
 def main() -> int:
@@ -66,8 +68,10 @@ def main() -> int:
         environment = java_environment(settings, served_model_environment(archive, registry_version))
         supervisor = signals.supervisor = Supervisor(settings)
         supervisor.start(command, environment)
-        say(f"TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
-            f"number_of_gpu={settings.gpus}")
+        say(
+            f"TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
+            f"number_of_gpu={settings.gpus}"
+        )
         port = inference_port(props)
         if wait_until_ready(supervisor, port):
             mark_ready(settings, model_version, port)

@@ -1,4 +1,5 @@
 """Build the TorchServe model archive (mnist.mar) from the TorchScript model, the handler and its configuration."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def version_from_metrics(metrics_path: Path) -> str:
     try:
         commit = json.loads(metrics_path.read_text()).get("git_commit")
     except FileNotFoundError:
-        raise ArchiveError(f"{metrics_path}: no such file; pass --version, or --metrics with the metrics.json training wrote") from None
+        raise ArchiveError(
+            f"{metrics_path}: no such file; pass --version, or --metrics with the metrics.json training wrote"
+        ) from None
     except (OSError, ValueError, AttributeError) as error:
         raise ArchiveError(f"{metrics_path}: not a metrics.json object ({error}); pass --version instead") from None
     if not commit or commit == "unknown":
@@ -50,10 +53,21 @@ def build_archive(model: Path, out_dir: Path, version: str) -> Path:
     archiver = [sys.executable, "-m", "model_archiver.model_packaging"]
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".archive-") as staging:
         command = [
-            *archiver, "--model-name", MODEL_NAME, "--version", version,
-            "--serialized-file", str(model), "--handler", str(HANDLER),
-            "--extra-files", ",".join(str(path) for path in EXTRA_FILES),
-            "--config-file", str(MODEL_CONFIG), "--export-path", staging,
+            *archiver,
+            "--model-name",
+            MODEL_NAME,
+            "--version",
+            version,
+            "--serialized-file",
+            str(model),
+            "--handler",
+            str(HANDLER),
+            "--extra-files",
+            ",".join(str(path) for path in EXTRA_FILES),
+            "--config-file",
+            str(MODEL_CONFIG),
+            "--export-path",
+            staging,
         ]
         # The archiver gathers the files in $TMPDIR/<model name> and deletes that folder first:
         # a private TMPDIR keeps two builds at once (make archive, a test run) from taking each other's.
@@ -68,10 +82,14 @@ def build_archive(model: Path, out_dir: Path, version: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.archive", description=__doc__)
-    parser.add_argument("--model", type=Path, default=Path("artifacts/model.pt"), help="TorchScript model (default: %(default)s)")
+    parser.add_argument(
+        "--model", type=Path, default=Path("artifacts/model.pt"), help="TorchScript model (default: %(default)s)"
+    )
     parser.add_argument("--metrics", type=Path, help="metrics.json the version is taken from (default: beside --model)")
     parser.add_argument("--version", help="archive version (default: the git commit recorded in the metrics)")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/model-store"), help="model store directory (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("artifacts/model-store"), help="model store directory (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         version = args.version or version_from_metrics(args.metrics or args.model.with_name("metrics.json"))

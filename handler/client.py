@@ -1,4 +1,5 @@
 """mnist-predict: send digit images (or JSON pixel arrays) to the served model and print its answers."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -44,10 +46,14 @@ def post(url: str, body: bytes, content_type: str = "application/octet-stream", 
         with error:
             text = error.read()
         # The frontend refuses an over-size body with an empty 413: its reason phrase is all there is.
-        return Reply(error.code, parse(text) if text.strip() else {"error": f"{error.code} {error.reason}"}, error.headers)
+        return Reply(
+            error.code, parse(text) if text.strip() else {"error": f"{error.code} {error.reason}"}, error.headers
+        )
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ServerUnreachable(f"no answer from {url} ({reason}); is the server running? `make serve` starts it") from None
+        raise ServerUnreachable(
+            f"no answer from {url} ({reason}); is the server running? `make serve` starts it"
+        ) from None
 
 
 def parse(text: bytes) -> Any:
@@ -78,7 +84,13 @@ def error_message(answer: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-predict", description=__doc__)
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PNG/JPEG/BMP/GIF/WebP image, or .json (pixel array, {\"data\": base64}, {\"instances\": [...]})")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help='PNG/JPEG/BMP/GIF/WebP image, or .json (pixel array, {"data": base64}, {"instances": [...]})',
+    )
     parser.add_argument("--url", default=DEFAULT_URL, help="prediction endpoint (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer, one line per file")
     args = parser.parse_args(argv)

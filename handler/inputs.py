@@ -1,4 +1,5 @@
 """Turn one prediction request body into MNIST-style 28x28 images, or say what was wrong with it."""
+
 from __future__ import annotations
 
 import base64
@@ -9,8 +10,9 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -181,14 +183,12 @@ def decode_one(item: Any, limits: Limits) -> np.ndarray:
                 item = item[key]
                 break
         else:
-            raise BadInput(f"a JSON object needs a \"data\" or \"instances\" field: {WHAT_TO_SEND}")
+            raise BadInput(f'a JSON object needs a "data" or "instances" field: {WHAT_TO_SEND}')
     if isinstance(item, str):
         return image_to_mnist(decode_base64(item, limits), limits)
     if isinstance(item, list):
         return pixels_to_mnist(item)
-    raise BadInput(
-        f"expected a base64 image or a pixel array, got a JSON {_json_type(item)}: {WHAT_TO_SEND}"
-    )
+    raise BadInput(f"expected a base64 image or a pixel array, got a JSON {_json_type(item)}: {WHAT_TO_SEND}")
 
 
 def decode_base64(text: str, limits: Limits) -> bytes:
@@ -200,9 +200,7 @@ def decode_base64(text: str, limits: Limits) -> bytes:
         # MIME encoders wrap lines; validate=True would refuse the newlines, so drop whitespace.
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise BadInput(
-            'the "data" string is not valid base64: send the image file\'s bytes base64-encoded'
-        ) from None
+        raise BadInput('the "data" string is not valid base64: send the image file\'s bytes base64-encoded') from None
     if not data:
         raise BadInput('the "data" string is empty: send the image file\'s bytes base64-encoded')
     return data
@@ -215,9 +213,7 @@ def pixels_to_mnist(values: list) -> np.ndarray:
     except (ValueError, TypeError, RecursionError):
         array = None  # ragged lists, which numpy refuses outright
     if array is None or array.dtype.kind not in "iuf":
-        raise BadInput(
-            "a pixel array must hold only numbers, in 28 rows of 28 or one flat list of 784"
-        )
+        raise BadInput("a pixel array must hold only numbers, in 28 rows of 28 or one flat list of 784")
     if array.shape == (SIDE * SIDE,):
         array = array.reshape(SIDE, SIDE)
     elif array.shape != (SIDE, SIDE):
@@ -249,13 +245,9 @@ def read_grayscale(data: bytes, limits: Limits) -> np.ndarray:
             raise BadInput(
                 f"the {image_format} image is truncated or corrupt: send the complete, unmodified file"
             ) from None
-        raise UnsupportedContent(
-            f"unsupported content: the body is {describe_content(data)}; {WHAT_TO_SEND}"
-        ) from None
+        raise UnsupportedContent(f"unsupported content: the body is {describe_content(data)}; {WHAT_TO_SEND}") from None
     except Image.DecompressionBombError:
-        raise TooLarge(
-            f"the image is too large; the limit is {limits.max_image_pixels:,} pixels"
-        ) from None
+        raise TooLarge(f"the image is too large; the limit is {limits.max_image_pixels:,} pixels") from None
     except Exception as error:  # Pillow's header parsers raise many types on malformed files
         raise BadInput(
             f"the {accepted_format(data) or 'image'} image is truncated or corrupt ({error}): "
@@ -282,8 +274,7 @@ def read_grayscale(data: bytes, limits: Limits) -> np.ndarray:
         return grayscale_pixels(image)
     except Exception as error:  # truncated or corrupt data: Pillow raises OSError, SyntaxError, ...
         raise BadInput(
-            f"the {image.format} image is truncated or corrupt ({error}): "
-            "send the complete, unmodified file"
+            f"the {image.format} image is truncated or corrupt ({error}): send the complete, unmodified file"
         ) from None
 
 

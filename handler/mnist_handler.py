@@ -1,10 +1,12 @@
 """TorchServe handler: MNIST digit images or pixel arrays in, the digit and its probabilities out."""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +63,13 @@ class MnistHandler(BaseHandler):
             self.warm_up(int(properties.get("batch_size") or 1))
         self.served = served_model(os.environ, self.manifest)
         self.initialized = True
-        logger.info("loaded %s on %s, limits %s, model version %s", self.model_pt_path, self.device, self.limits, self.served["version"])
+        logger.info(
+            "loaded %s on %s, limits %s, model version %s",
+            self.model_pt_path,
+            self.device,
+            self.limits,
+            self.served["version"],
+        )
         report_served(context, self.served)  # before quiet_batch_logs, which silences the metrics logger
         if os.environ.get(BATCH_LOG_ENV) != "1":
             quiet_batch_logs()
@@ -200,7 +208,7 @@ def read_class_names(path: str) -> tuple[str, ...]:
     try:
         names = tuple(str(mapping[str(index)]) for index in range(CLASS_COUNT))
     except (KeyError, TypeError):
-        raise ValueError(f"{path} must map each of \"0\"..\"9\" to a class name") from None
+        raise ValueError(f'{path} must map each of "0".."9" to a class name') from None
     return names
 
 
@@ -231,7 +239,9 @@ def answer(probabilities: np.ndarray, class_names: Sequence[str] = DIGITS) -> di
         "digit": digit,
         "confidence": round(float(probabilities[digit]), 6),
         # Six decimals: enough for any decision, and the JSON stays short at thousands of answers a second.
-        "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, probabilities.tolist())},
+        "probabilities": {
+            name: round(float(p), 6) for name, p in zip(class_names, probabilities.tolist(), strict=True)
+        },
     }
 
 

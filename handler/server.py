@@ -1,4 +1,6 @@
-"""Run TorchServe with the mnist archive: in the foreground for `make serve`, or as a context manager for tests and benchmarks."""
+"""Run TorchServe with the mnist archive: in the foreground for `make serve`, or as a context manager for tests
+and benchmarks."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +18,9 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import psutil
 
@@ -55,7 +57,7 @@ class Ports:
     grpc_management: int = 7071
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         """Ports nothing listens on now, so a test server can run beside `make serve` or another test run."""
         with contextlib.ExitStack() as stack:
             sockets = [stack.enter_context(socket.socket()) for _ in fields(cls)]
@@ -145,8 +147,18 @@ def launch_command(archive: Path, config: Path) -> list[str]:
     """torchserve in the foreground (the launcher waits for the JVM), no config snapshots, our logging, one model."""
     launcher = Path(sys.executable).with_name("torchserve")
     return [
-        str(launcher), "--start", "--foreground", "--ncs", "--ts-config", str(config), "--log-config", str(LOG_CONFIG),
-        "--model-store", str(archive.parent), "--models", f"{MODEL_NAME}={archive.name}",
+        str(launcher),
+        "--start",
+        "--foreground",
+        "--ncs",
+        "--ts-config",
+        str(config),
+        "--log-config",
+        str(LOG_CONFIG),
+        "--model-store",
+        str(archive.parent),
+        "--models",
+        f"{MODEL_NAME}={archive.name}",
     ]
 
 
@@ -198,10 +210,16 @@ def start_torchserve(
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
-                launch_command(archive, config), cwd=run_dir,
-                env={**launch_environment(log_dir, run_dir), **served_model_environment(archive),
-                     **(environment or {})},
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
+                launch_command(archive, config),
+                cwd=run_dir,
+                env={
+                    **launch_environment(log_dir, run_dir),
+                    **served_model_environment(archive),
+                    **(environment or {}),
+                },
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
                 # Its own process group: stop() then reaches the JVM and the workers with one signal.
                 start_new_session=True,
             )
@@ -223,7 +241,9 @@ def wait_until_ready(server: Server, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.process.poll() is not None:
-            raise ServerError(f"TorchServe exited with code {server.process.returncode} while starting{log_tail(server.log_dir)}")
+            raise ServerError(
+                f"TorchServe exited with code {server.process.returncode} while starting{log_tail(server.log_dir)}"
+            )
         if ready(server):
             return
         if time.monotonic() > deadline:
@@ -273,11 +293,26 @@ def log_tail(log_dir: Path, lines: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m handler.server", description="Serve the mnist archive with TorchServe in the foreground until Ctrl-C.")
-    parser.add_argument("--archive", type=Path, default=Path("artifacts/model-store/mnist.mar"), help="model archive (default: %(default)s; make archive builds it)")
-    parser.add_argument("--logs", type=Path, default=Path("artifacts/logs"), help="directory for TorchServe's logs (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m handler.server",
+        description="Serve the mnist archive with TorchServe in the foreground until Ctrl-C.",
+    )
     parser.add_argument(
-        "--allow-origin", default="", metavar="ORIGIN",
+        "--archive",
+        type=Path,
+        default=Path("artifacts/model-store/mnist.mar"),
+        help="model archive (default: %(default)s; make archive builds it)",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=Path("artifacts/logs"),
+        help="directory for TorchServe's logs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        default="",
+        metavar="ORIGIN",
         help=f"the one web page origin (scheme://host:port) browsers may call predictions from, e.g. {UI_ORIGIN} "
         "for `make ui`'s page (default: none)",
     )
@@ -286,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         with start_torchserve(args.archive, args.logs, console=True, allowed_origin=args.allow_origin) as server:
-            print(f"serving: POST {server.url()}  (health {server.url('/ping')}, "
-                  f"metrics {server.url('/metrics', server.ports.metrics)}; logs in {server.log_dir}); Ctrl-C stops it", flush=True)
+            print(
+                f"serving: POST {server.url()}  (health {server.url('/ping')}, "
+                f"metrics {server.url('/metrics', server.ports.metrics)}; logs in {server.log_dir}); Ctrl-C stops it",
+                flush=True,
+            )
             code = server.process.wait()
             print(f"TorchServe exited with code {code}{log_tail(server.log_dir)}", file=sys.stderr)
             return 1

@@ -1,5 +1,6 @@
 """mnist-registry: publish, list, show, download, promote and delete model archives in Cassandra; roll a
 Kubernetes Deployment to a version (promote --rollout) and run canaries (canary)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,15 @@ def accuracy_text(version: ModelVersion) -> str:
 def publish(registry: Registry, args: argparse.Namespace) -> None:
     metrics = read_metrics(args.metrics)  # before any byte is written
     size = args.archive.stat().st_size if args.archive.is_file() else 0
-    with tqdm(total=size, unit="B", unit_scale=True, desc="publishing", file=sys.stderr, disable=None, leave=False) as bar:
+    with tqdm(
+        total=size, unit="B", unit_scale=True, desc="publishing", file=sys.stderr, disable=None, leave=False
+    ) as bar:
         version = registry.publish(args.archive, metrics, args.version, on_bytes=bar.update)
     print(
-        f"published version {version.version}: {version.archive_name}, {size_text(version.size)} in {version.chunk_count} "
-        f"chunk{'s' if version.chunk_count != 1 else ''}, sha256 {version.sha256}, test accuracy {accuracy_text(version)}"
+        f"published version {version.version}: {version.archive_name}, {size_text(version.size)} in "
+        f"{version.chunk_count} "
+        f"chunk{'s' if version.chunk_count != 1 else ''}, sha256 {version.sha256}, test accuracy "
+        f"{accuracy_text(version)}"
     )
 
 
@@ -42,7 +47,9 @@ def list_versions(registry: Registry, args: argparse.Namespace) -> None:
     if not versions:
         print("no versions yet; publish one with: mnist-registry publish ARCHIVE.mar --metrics metrics.json")
         return
-    header = f"{'VERSION':<10} {'CREATED (UTC)':<19}  {'TEST ACC':>8}  {'SIZE':>10}  {'SHA256':<12}  {'EPOCHS':>6}  ALIASES"
+    header = (
+        f"{'VERSION':<10} {'CREATED (UTC)':<19}  {'TEST ACC':>8}  {'SIZE':>10}  {'SHA256':<12}  {'EPOCHS':>6}  ALIASES"
+    )
     print(header)
     for v in versions:
         print(
@@ -155,7 +162,9 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     p = command(
-        "publish", publish, "record a .mar with its metrics as a new version",
+        "publish",
+        publish,
+        "record a .mar with its metrics as a new version",
         "Store a model archive (.mar) in 1 MiB chunks, then its version row with the metrics, training parameters, "
         "data fingerprint and git commit from metrics.json, its size and sha256. The version becomes visible only "
         "once every chunk is stored, so an interrupted publish leaves no version behind.",
@@ -164,23 +173,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `python -m training train`")
     p.add_argument("--version", help="version name (default: the next whole number, 1, 2, 3...)")
 
-    command("list", list_versions, "list the versions, oldest first", "List every complete version with its test accuracy, size, sha256 and aliases.")
-
-    p = command("show", show, "everything recorded about a version", "Show what publish recorded about a version (or the version an alias points at).")
-    p.add_argument("version", metavar="VERSION|ALIAS")
+    command(
+        "list",
+        list_versions,
+        "list the versions, oldest first",
+        "List every complete version with its test accuracy, size, sha256 and aliases.",
+    )
 
     p = command(
-        "download", download, "write a version's .mar into a directory, sha256 checked",
-        "Reassemble the archive from its chunks, checking every chunk's sha256, the chunk count, size and the "
-        "archive's sha256; a damaged archive is refused. Written through a temporary file, so DIR never holds a half archive.",
+        "show",
+        show,
+        "everything recorded about a version",
+        "Show what publish recorded about a version (or the version an alias points at).",
     )
     p.add_argument("version", metavar="VERSION|ALIAS")
-    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="directory to write ARCHIVE.mar into (default: .)")
-    p.add_argument("--retry-seconds", type=float, default=30.0, metavar="S",
-                   help="while the database cannot be reached (a node restarting), try again for up to S seconds (default: 30; 0: once)")
 
     p = command(
-        "promote", promote, "point an alias (e.g. production) at a version, and roll a Deployment to it",
+        "download",
+        download,
+        "write a version's .mar into a directory, sha256 checked",
+        "Reassemble the archive from its chunks, checking every chunk's sha256, the chunk count, size and the "
+        "archive's sha256; a damaged archive is refused. Written through a temporary file, so DIR never holds a half "
+        "archive.",
+    )
+    p.add_argument("version", metavar="VERSION|ALIAS")
+    p.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="directory to write ARCHIVE.mar into (default: .)"
+    )
+    p.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="while the database cannot be reached (a node restarting), try again for up to S seconds (default: 30; "
+        "0: once)",
+    )
+
+    p = command(
+        "promote",
+        promote,
+        "point an alias (e.g. production) at a version, and roll a Deployment to it",
         "Point an alias at a version; download and predict-table accept the alias. With --rollout, also pin the "
         "Deployment's pods to that version, follow the rollout a line per pod, and check every new pod with real test "
         "digits (the answers must name the version; accuracy at least the version's test accuracy less 2 points). "
@@ -192,10 +224,15 @@ def parser() -> argparse.ArgumentParser:
     add_cluster_options(p, "--rollout", "deployment/NAME: also roll this Deployment of the chart to the version")
 
     p = command(
-        "canary", canary, "run a version beside a Deployment on a share of the traffic, then promote or abort it",
-        "start VERSION: a second Deployment, NAME-canary, with REPLICAS pods of VERSION behind the same Service (checked "
-        "like a rollout; the traffic splits by pod count). status: per version, its pods and the requests they answered "
-        "(each pod's Prometheus counter). promote: roll NAME to the canary's version (as promote --rollout), then remove "
+        "canary",
+        canary,
+        "run a version beside a Deployment on a share of the traffic, then promote or abort it",
+        "start VERSION: a second Deployment, NAME-canary, with REPLICAS pods of VERSION behind the same Service "
+        "(checked "
+        "like a rollout; the traffic splits by pod count). status: per version, its pods and the requests they "
+        "answered "
+        "(each pod's Prometheus counter). promote: roll NAME to the canary's version (as promote --rollout), then "
+        "remove "
         "the canary. abort: remove the canary.",
     )
     p.add_argument("action", choices=("start", "status", "promote", "abort"))
@@ -205,8 +242,11 @@ def parser() -> argparse.ArgumentParser:
     add_cluster_options(p, "--deployment", "deployment/NAME of the chart (the stable one)", required=True)
 
     p = command(
-        "delete", delete, "remove a version and its chunks",
-        "Remove a version and its chunks. A version an alias points at is refused unless --force, which removes the alias as well.",
+        "delete",
+        delete,
+        "remove a version and its chunks",
+        "Remove a version and its chunks. A version an alias points at is refused unless --force, which removes the "
+        "alias as well.",
     )
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--force", action="store_true", help="also delete the aliases that point at it")
@@ -216,8 +256,13 @@ def parser() -> argparse.ArgumentParser:
 def add_cluster_options(p: argparse.ArgumentParser, flag: str, help: str, required: bool = False) -> None:
     p.add_argument(flag, metavar="deployment/NAME", required=required, help=help)
     p.add_argument("-n", "--namespace", help="its namespace (default: the kubeconfig context's, or the pod's own)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="seconds for the new pods to be ready (default: 600; a pod that fails ends it sooner)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds for the new pods to be ready (default: 600; a pod that fails ends it sooner)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         # Only download is retried: it writes through a temporary file, so a repeat is harmless.
-        db.retrying(attempt, getattr(args, "retry_seconds", 0), lambda line: print(f"mnist-registry: {line}", file=sys.stderr))
+        db.retrying(
+            attempt, getattr(args, "retry_seconds", 0), lambda line: print(f"mnist-registry: {line}", file=sys.stderr)
+        )
     except (RegistryError, db.DatabaseError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
 """One way into Cassandra or Astra DB: the session, the schema, token-range reads and windowed writes."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,9 +9,10 @@ import re
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from cassandra import DriverException, Unauthorized
 from cassandra.auth import PlainTextAuthProvider
@@ -108,7 +110,9 @@ def apply_schema(session: Session, settings: CassandraSettings) -> None:
             "WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
         )
     # Astra refuses CREATE KEYSPACE over CQL.
-    use_keyspace(session, settings, "create it in the Astra console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one")
+    use_keyspace(
+        session, settings, "create it in the Astra console (Add Keyspace) or set CASSANDRA_KEYSPACE to an existing one"
+    )
     tables = session.cluster.metadata.keyspaces[settings.keyspace].tables
     for statement in schema_statements(SCHEMA.read_text()):
         if table_name(statement) not in tables:
@@ -153,13 +157,21 @@ def connect(settings: CassandraSettings, create_schema: bool = True) -> Iterator
         except (*DRIVER_ERRORS, OSError) as error:  # OSError: a TLS handshake the node broke off
             reason = describe(error)
             refused = not settings.astra and "refused" in reason.lower()
-            hint = " (start a local node with scripts/cassandra.sh up, or set CASSANDRA_HOSTS and CASSANDRA_PORT)" if refused else ""
+            hint = (
+                " (start a local node with scripts/cassandra.sh up, or set CASSANDRA_HOSTS and CASSANDRA_PORT)"
+                if refused
+                else ""
+            )
             raise DatabaseError(f"cannot connect to Cassandra at {settings.where()}: {reason}{hint}") from None
         try:
             if create_schema:
                 apply_schema(session, settings)
             else:
-                use_keyspace(session, settings, "set CASSANDRA_KEYSPACE to the registry's keyspace, or publish a model into this one")
+                use_keyspace(
+                    session,
+                    settings,
+                    "set CASSANDRA_KEYSPACE to the registry's keyspace, or publish a model into this one",
+                )
             yield session
         except DRIVER_ERRORS as error:
             raise DatabaseError(f"Cassandra at {settings.where()}: {describe(error)}") from None

@@ -1,8 +1,9 @@
 """Settings read from environment variables, by the rules the registry's connection settings and the serving
 container's settings share: blank is unset, numbers are checked and named with the variable when wrong."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class SettingsError(ValueError):

@@ -1,6 +1,7 @@
 """What a TorchServe model archive (.mar) must hold: the registry checks it before publishing, the serving
 container before starting TorchServe, with the same rule. Standard library only, so the entrypoint and the
 handler's launcher can import it without torch or the database driver."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """The names versions and aliases may have: the registry checks them when they are made, the serving container
 when it is told which to serve, and the chart's values.schema.json keeps a copy (a test holds the two equal)."""
+
 from __future__ import annotations
 
 import re

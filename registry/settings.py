@@ -1,14 +1,15 @@
 """The database's connection settings, read from the environment in one place: a local or self-hosted
 Cassandra node (optionally with TLS and a username), or DataStax Astra DB (secure connect bundle and token)."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from registry.environment import SettingsError, number, text
 
@@ -83,43 +84,77 @@ def cassandra_settings(environ: Mapping[str, str] = os.environ) -> CassandraSett
     port = number(environ, "CASSANDRA_PORT", defaults.port, int)
     if port > 65535:
         raise SettingsError(f"CASSANDRA_PORT={port} is not a port number (1..65535)")
-    timeouts = {"connect_timeout": number(environ, "CASSANDRA_CONNECT_TIMEOUT", defaults.connect_timeout),
-                "request_timeout": number(environ, "CASSANDRA_REQUEST_TIMEOUT", defaults.request_timeout)}
+    timeouts = {
+        "connect_timeout": number(environ, "CASSANDRA_CONNECT_TIMEOUT", defaults.connect_timeout),
+        "request_timeout": number(environ, "CASSANDRA_REQUEST_TIMEOUT", defaults.request_timeout),
+    }
 
     if text(environ, "ASTRA_DB_SECURE_BUNDLE"):
-        token = secret(environ, "ASTRA_DB_TOKEN", "the token", "ASTRA_DB_SECURE_BUNDLE is set but there is no token",
-                       "an application token from the Astra console")
+        token = secret(
+            environ,
+            "ASTRA_DB_TOKEN",
+            "the token",
+            "ASTRA_DB_SECURE_BUNDLE is set but there is no token",
+            "an application token from the Astra console",
+        )
         both = [name for name in NOT_WITH_A_BUNDLE if text(environ, name)]
         if both:
-            raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE is set, and so is {both[0]}: the bundle brings Astra's address and "
-                                "certificates and the token is the password; unset one of the two")
+            raise SettingsError(
+                f"ASTRA_DB_SECURE_BUNDLE is set, and so is {both[0]}: the bundle brings Astra's address and "
+                "certificates and the token is the password; unset one of the two"
+            )
         bundle = checked_bundle(text(environ, "ASTRA_DB_SECURE_BUNDLE"))
-        return CassandraSettings(hosts=hosts or defaults.hosts, port=port, keyspace=keyspace,
-                                 secure_bundle=bundle, token=token, **timeouts)
+        return CassandraSettings(
+            hosts=hosts or defaults.hosts, port=port, keyspace=keyspace, secure_bundle=bundle, token=token, **timeouts
+        )
 
     username = text(environ, "CASSANDRA_USERNAME") or None
     password = None
     if username:
-        password = secret(environ, "CASSANDRA_PASSWORD", "the password", "CASSANDRA_USERNAME is set but there is no password",
-                          f"the password of the role {username}")
+        password = secret(
+            environ,
+            "CASSANDRA_PASSWORD",
+            "the password",
+            "CASSANDRA_USERNAME is set but there is no password",
+            f"the password of the role {username}",
+        )
     elif text(environ, "CASSANDRA_PASSWORD") or text(environ, "CASSANDRA_PASSWORD_FILE"):
-        raise SettingsError("a Cassandra password is set but CASSANDRA_USERNAME is not; set the role name it belongs to")
+        raise SettingsError(
+            "a Cassandra password is set but CASSANDRA_USERNAME is not; set the role name it belongs to"
+        )
     tls_ca, tls_cert, tls_key = (readable_file(f"CASSANDRA_TLS_{part}_FILE") for part in ("CA", "CERT", "KEY"))
     if bool(tls_cert) != bool(tls_key):
-        raise SettingsError("set both CASSANDRA_TLS_CERT_FILE and CASSANDRA_TLS_KEY_FILE (a client certificate and its key), or neither")
+        raise SettingsError(
+            "set both CASSANDRA_TLS_CERT_FILE and CASSANDRA_TLS_KEY_FILE (a client certificate and its key), or neither"
+        )
     if tls_cert and not tls_ca:
-        raise SettingsError("CASSANDRA_TLS_CERT_FILE is set but CASSANDRA_TLS_CA_FILE is not; TLS needs the CA that signed the nodes' certificates")
+        raise SettingsError(
+            "CASSANDRA_TLS_CERT_FILE is set but CASSANDRA_TLS_CA_FILE is not; TLS needs the CA that signed the "
+            "nodes' certificates"
+        )
     verify = text(environ, "CASSANDRA_TLS_VERIFY_HOSTNAME").lower() or "true"
     if verify not in ("true", "false"):
         raise SettingsError(f"CASSANDRA_TLS_VERIFY_HOSTNAME={verify!r} is not true or false")
-    return CassandraSettings(hosts=hosts or defaults.hosts, port=port, keyspace=keyspace, username=username, password=password,
-                             tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_verify_hostname=verify == "true", **timeouts)
+    return CassandraSettings(
+        hosts=hosts or defaults.hosts,
+        port=port,
+        keyspace=keyspace,
+        username=username,
+        password=password,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_verify_hostname=verify == "true",
+        **timeouts,
+    )
 
 
 def keyspace_name(text: str, given_as: str) -> str:
     """The name checked, because it is written into CQL statements (keyspaces cannot be bound)."""
     if not KEYSPACE_NAME.fullmatch(text):
-        raise SettingsError(f"{given_as}{text!r} is not a keyspace name: use a letter, then letters, digits or _ (48 at most)")
+        raise SettingsError(
+            f"{given_as}{text!r} is not a keyspace name: use a letter, then letters, digits or _ (48 at most)"
+        )
     return text
 
 
@@ -155,12 +190,16 @@ def checked_bundle(text: str) -> Path:
         raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE={text} is not a zip file ({error}); {again}") from None
     missing = [name for name in BUNDLE_FILES if name not in names]
     if missing:
-        raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE={text} lacks {', '.join(missing)} (a secure connect bundle holds "
-                            f"{', '.join(BUNDLE_FILES)}); {again}")
+        raise SettingsError(
+            f"ASTRA_DB_SECURE_BUNDLE={text} lacks {', '.join(missing)} (a secure connect bundle holds "
+            f"{', '.join(BUNDLE_FILES)}); {again}"
+        )
     try:
         config = json.loads(config_text)
     except ValueError as error:  # UnicodeDecodeError is one too
         raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE={text}: its config.json is not JSON ({error}); {again}") from None
     if not isinstance(config, dict) or not config.get("host") or not config.get("port"):
-        raise SettingsError(f"ASTRA_DB_SECURE_BUNDLE={text}: its config.json names no metadata service (host, port); {again}")
+        raise SettingsError(
+            f"ASTRA_DB_SECURE_BUNDLE={text}: its config.json names no metadata service (host, port); {again}"
+        )
     return bundle

@@ -1,4 +1,5 @@
 """Model registry in Cassandra: versioned .mar archives stored in checked chunks, plus aliases."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,22 +9,37 @@ import os
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from cassandra.cluster import Session
 
 from registry import db
 from registry.model_archive import (
-    MANIFEST, FailsCRC, ManifestNotJSON, NoManifest, NotAZip, checked_manifest, manifest_of,
+    MANIFEST,
+    FailsCRC,
+    ManifestNotJSON,
+    NoManifest,
+    NotAZip,
+    checked_manifest,
+    manifest_of,
 )
 from registry.names import ALIAS_NAME, VERSION_NAME
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: far below Cassandra's cell-size guidance and the 16 MiB mutation limit
 WRITE_WINDOW = 4  # chunks in flight while publishing: 4 MiB of memory
-REQUIRED_METRICS = ("test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version")
+REQUIRED_METRICS = (
+    "test_accuracy",
+    "test_loss",
+    "epochs",
+    "parameters",
+    "data_fingerprint",
+    "git_commit",
+    "torch_version",
+)
 # Hex digits of a sha256 shown to people; the handler's SHA256_SHOWN, which TorchServe's workers import without
 # registry/, is the same number (tests/test_handler.py holds them equal).
 SHA256_SHOWN = 12
@@ -84,20 +100,35 @@ class ModelVersion:
 
 TABLES = ("model_versions", "archive_chunks", "model_aliases")
 COLUMNS = (
-    "version", "created_at", "archive_name", "size", "sha256", "chunk_size", "chunk_count", "upload",
-    "test_accuracy", "test_loss", "epochs", "parameters", "data_fingerprint", "git_commit", "torch_version", "metrics",
+    "version",
+    "created_at",
+    "archive_name",
+    "size",
+    "sha256",
+    "chunk_size",
+    "chunk_count",
+    "upload",
+    "test_accuracy",
+    "test_loss",
+    "epochs",
+    "parameters",
+    "data_fingerprint",
+    "git_commit",
+    "torch_version",
+    "metrics",
 )
 
 
 def row_to_version(row: tuple) -> ModelVersion:
-    values = dict(zip(COLUMNS, row))
+    values = dict(zip(COLUMNS, row, strict=True))
     values["parameters"] = json.loads(values["parameters"] or "{}")
     values["metrics"] = json.loads(values["metrics"] or "{}")
-    values["created_at"] = values["created_at"].replace(tzinfo=timezone.utc)  # the driver returns naive UTC
+    values["created_at"] = values["created_at"].replace(tzinfo=UTC)  # the driver returns naive UTC
     return ModelVersion(**values)
 
 
 # --- pure helpers ----------------------------------------------------------------------------
+
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
     """Chunks an archive of `size` bytes takes; an empty archive is still one (empty) chunk."""
@@ -128,7 +159,9 @@ def read_metrics(path: Path) -> dict:
     try:
         metrics = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BadInput(f"--metrics {path}: no such file; pass the metrics.json written by `python -m training train`") from None
+        raise BadInput(
+            f"--metrics {path}: no such file; pass the metrics.json written by `python -m training train`"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"--metrics {path}: not readable JSON ({error})") from None
     if not isinstance(metrics, dict):
@@ -170,6 +203,7 @@ def serialized_file(archive: bytes) -> tuple[str, bytes]:
 
 # --- the registry ----------------------------------------------------------------------------
 
+
 class Registry:
     """Versions, their chunks and aliases in the tables of schema.cql."""
 
@@ -177,12 +211,16 @@ class Registry:
         tables = session.cluster.metadata.keyspaces[session.keyspace].tables
         missing = [table for table in TABLES if table not in tables]
         if missing:  # a read-only role made no tables: say so instead of the driver's "table ... does not exist"
-            raise RegistryError(f"keyspace {session.keyspace} holds no model registry (no {missing[0]} table); "
-                                "publish a version into it first (mnist-registry publish)")
+            raise RegistryError(
+                f"keyspace {session.keyspace} holds no model registry (no {missing[0]} table); "
+                "publish a version into it first (mnist-registry publish)"
+            )
         self.session = session
         self.chunk_size = chunk_size
         prepare = session.prepare
-        self.insert_chunk = prepare("INSERT INTO archive_chunks (version, upload, chunk, data, sha256) VALUES (?, ?, ?, ?, ?)")
+        self.insert_chunk = prepare(
+            "INSERT INTO archive_chunks (version, upload, chunk, data, sha256) VALUES (?, ?, ?, ?, ?)"
+        )
         self.insert_version = prepare(
             f"INSERT INTO model_versions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) IF NOT EXISTS"
         )
@@ -223,16 +261,22 @@ class Registry:
         if found is None:
             alias = self.session.execute(self.select_alias, (name,)).one()
             if alias is None:
-                raise VersionNotFound(f"no version or alias {name!r} in the registry; `mnist-registry list` shows what there is")
+                raise VersionNotFound(
+                    f"no version or alias {name!r} in the registry; `mnist-registry list` shows what there is"
+                )
             found = self.find(alias[0])
             if found is None:
-                raise VersionNotFound(f"alias {name} points at version {alias[0]}, which no longer exists; promote another version")
+                raise VersionNotFound(
+                    f"alias {name} points at version {alias[0]}, which no longer exists; promote another version"
+                )
         found.aliases = sorted(alias for alias, target in self.aliases().items() if target == found.version)
         return found
 
     def next_version(self) -> str:
         """One more than the highest whole-number version: 1, 2, 3..."""
-        numbers = [int(row[0]) for row in self.session.execute("SELECT version FROM model_versions") if row[0].isdigit()]
+        numbers = [
+            int(row[0]) for row in self.session.execute("SELECT version FROM model_versions") if row[0].isdigit()
+        ]
         return str(max(numbers, default=0) + 1)
 
     def copy_archive(self, version: ModelVersion, sink: BinaryIO) -> None:
@@ -296,9 +340,15 @@ class Registry:
         if version is None:
             version = self.next_version()
         elif not VERSION_NAME.fullmatch(version):
-            raise BadInput(f"--version {version!r}: use letters, digits, '.', '_' or '-' (64 at most), starting with a letter or digit")
+            raise BadInput(
+                f"--version {version!r}: use letters, digits, '.', '_' or '-' (64 at most), starting with a letter "
+                f"or digit"
+            )
         if self.find(version) is not None:
-            raise DuplicateVersion(f"version {version} is already published; choose another --version (or leave it out for the next number)")
+            raise DuplicateVersion(
+                f"version {version} is already published; choose another --version (or leave it out for the next "
+                f"number)"
+            )
         if self.session.execute(self.select_alias, (version,)).one():
             raise BadInput(f"--version {version}: that is the name of an alias; choose another version name")
 
@@ -318,7 +368,7 @@ class Registry:
 
         record = ModelVersion(
             version=version,
-            created_at=datetime.now(timezone.utc),
+            created_at=datetime.now(UTC),
             archive_name=archive.name,
             size=counted["size"],
             sha256=whole.hexdigest(),
@@ -355,7 +405,7 @@ class Registry:
             raise BadInput(f"--alias {alias}: a version has that name; choose another alias")
         version = self.get(name)
         previous = self.session.execute(self.select_alias, (alias,)).one()
-        self.session.execute(self.insert_alias, (alias, version.version, datetime.now(timezone.utc)))
+        self.session.execute(self.insert_alias, (alias, version.version, datetime.now(UTC)))
         return version, previous[0] if previous else None
 
     def drop_alias(self, alias: str) -> None:

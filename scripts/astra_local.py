@@ -25,6 +25,7 @@ at a self-hosted node with TLS and a login (CASSANDRA_HOSTS, CASSANDRA_PORT, CAS
 CASSANDRA_PASSWORD_FILE, CASSANDRA_TLS_CA_FILE, CASSANDRA_TLS_CERT_FILE, CASSANDRA_TLS_KEY_FILE). Tokens and
 passwords are files (mode 0600) under the cache; none is ever printed or put on a command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from cassandra_node import CassandraNode  # noqa: E402
+
 from registry import db  # noqa: E402
 from registry.settings import CassandraSettings  # noqa: E402
 from training.config import cache_dir  # noqa: E402
@@ -88,16 +90,22 @@ def paths() -> Paths:
 
 def node(where: Paths) -> CassandraNode:
     """The stand-in's Cassandra node: TLS with client certificates only, and logins."""
-    return CassandraNode(port=NODE_PORT, storage_port=STORAGE_PORT, jmx_port=JMX_PORT, home=where.home / "node", extra={
-        "CASSANDRA_CONF_EXTRA": str(where.home / "cassandra-security.yaml"),
-        "CASSANDRA_TLS_CA_FILE": str(where.file("ca.crt")),
-        "CASSANDRA_TLS_CERT_FILE": str(where.file("client.crt")),
-        "CASSANDRA_TLS_KEY_FILE": str(where.file("client.key")),
-        # The default superuser is made at once instead of after 10 s.
-        "CASSANDRA_JVM_OPTS": "-Dcassandra.superuser_setup_delay_ms=0",
-        # 512m ran out of heap taking a 96 MiB archive over TLS (make soak's plain-text node takes 32 MiB in 512m).
-        "CASSANDRA_HEAP": "1g",
-    })
+    return CassandraNode(
+        port=NODE_PORT,
+        storage_port=STORAGE_PORT,
+        jmx_port=JMX_PORT,
+        home=where.home / "node",
+        extra={
+            "CASSANDRA_CONF_EXTRA": str(where.home / "cassandra-security.yaml"),
+            "CASSANDRA_TLS_CA_FILE": str(where.file("ca.crt")),
+            "CASSANDRA_TLS_CERT_FILE": str(where.file("client.crt")),
+            "CASSANDRA_TLS_KEY_FILE": str(where.file("client.key")),
+            # The default superuser is made at once instead of after 10 s.
+            "CASSANDRA_JVM_OPTS": "-Dcassandra.superuser_setup_delay_ms=0",
+            # 512m ran out of heap taking a 96 MiB archive over TLS (make soak's plain-text node takes 32 MiB in 512m).
+            "CASSANDRA_HEAP": "1g",
+        },
+    )
 
 
 def security_settings(where: Paths) -> str:
@@ -126,6 +134,7 @@ client_encryption_options:
 
 # --- certificates ----------------------------------------------------------------------------------
 
+
 def openssl(folder: Path, *args: str) -> None:
     done = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
@@ -137,13 +146,43 @@ def make_certificates(folder: Path, names: dict[str, str]) -> None:
     Cassandra's PEM keystore wants) signed by it; EC P-256 keys, valid for 30 days."""
     folder.mkdir(parents=True, exist_ok=True)
     key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
-    openssl(folder, "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "30",
-            "-subj", "/O=mnist-serve/CN=astra-local CA (not Astra)")
+    openssl(
+        folder,
+        "req",
+        "-x509",
+        *key,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/O=mnist-serve/CN=astra-local CA (not Astra)",
+    )
     for name, alt in names.items():
-        openssl(folder, "req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=mnist-serve/CN={name}")
+        openssl(
+            folder, "req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O=mnist-serve/CN={name}"
+        )
         (folder / f"{name}.ext").write_text(f"subjectAltName={alt}\n" if alt else "basicConstraints=CA:FALSE\n")
-        openssl(folder, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "30", "-extfile", f"{name}.ext")
+        openssl(
+            folder,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "30",
+            "-extfile",
+            f"{name}.ext",
+        )
     for private in folder.glob("*.key"):
         private.chmod(0o600)
 
@@ -157,7 +196,9 @@ def write_private(path: Path, text: str) -> None:
     staging.replace(path)
 
 
-def write_bundle(where: Paths, keyspace: str, target: Path, client: str = "client", metadata_port: int = METADATA_PORT) -> Path:
+def write_bundle(
+    where: Paths, keyspace: str, target: Path, client: str = "client", metadata_port: int = METADATA_PORT
+) -> Path:
     """A secure connect bundle laid out like Astra's, with the client certificate CLIENT.crt/.key of pki/."""
     config = {"host": HOST, "port": metadata_port, "keyspace": keyspace, "localDC": LOCAL_DC}
     with zipfile.ZipFile(target, "w") as bundle:
@@ -171,10 +212,18 @@ def write_bundle(where: Paths, keyspace: str, target: Path, client: str = "clien
 
 # --- the node and its roles --------------------------------------------------------------------------
 
+
 def login(where: Paths, username: str, password: str) -> CassandraSettings:
     """Settings for the node itself, with TLS and the client certificate."""
-    return CassandraSettings(hosts=(HOST,), port=NODE_PORT, username=username, password=password,
-                             tls_ca=where.file("ca.crt"), tls_cert=where.file("client.crt"), tls_key=where.file("client.key"))
+    return CassandraSettings(
+        hosts=(HOST,),
+        port=NODE_PORT,
+        username=username,
+        password=password,
+        tls_ca=where.file("ca.crt"),
+        tls_cert=where.file("client.crt"),
+        tls_key=where.file("client.key"),
+    )
 
 
 def as_superuser(where: Paths, statements: list[str], wait_s: float = 60) -> list:
@@ -215,7 +264,8 @@ def set_up_roles(where: Paths, keyspace: str) -> str:
     superuser = secrets.token_urlsafe(24)
     passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
     statements = [
-        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}",
+        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+        f"{{'class': 'SimpleStrategy', 'replication_factor': 1}}",
         *[f"CREATE ROLE mnist_{role} WITH LOGIN = true AND PASSWORD = '{passwords[role]}'" for role in ROLES],
         *[f"GRANT {GRANTS[role]} ON ALL KEYSPACES TO mnist_{role}" for role in ROLES],
         "SELECT host_id FROM system.local",
@@ -233,13 +283,20 @@ def issue_token(where: Paths, role: str) -> None:
     """A new token for ROLE. The login `token` is made anew, because Cassandra grants the creator of a table every
     permission on it: a token that made the registry's tables would keep writing to them whatever its role."""
     token = new_token()
-    as_superuser(where, ['DROP ROLE IF EXISTS "token"', f"CREATE ROLE \"token\" WITH LOGIN = true AND PASSWORD = '{token}'",
-                         f'GRANT mnist_{role} TO "token"'])
+    as_superuser(
+        where,
+        [
+            'DROP ROLE IF EXISTS "token"',
+            f"CREATE ROLE \"token\" WITH LOGIN = true AND PASSWORD = '{token}'",
+            f'GRANT mnist_{role} TO "token"',
+        ],
+    )
     time.sleep(CACHE_S + 0.5)  # until the node has forgotten the last token's login and permissions
     write_private(where.token, token)
 
 
 # --- the proxy ---------------------------------------------------------------------------------------
+
 
 def haproxy_config(where: Paths, host_id: str) -> str:
     return f"""\
@@ -283,14 +340,23 @@ def haproxy_running(where: Paths) -> int | None:
 
 
 def start_proxy(where: Paths) -> None:
-    done = subprocess.run([str(ROOT / "scripts" / "apt-install.sh"), "haproxy", HAPROXY_PACKAGE], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "apt-install.sh"), "haproxy", HAPROXY_PACKAGE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         raise StandInError(done.stderr.strip())
-    check = subprocess.run(["haproxy", "-c", "-q", "-f", str(where.haproxy_config)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        ["haproxy", "-c", "-q", "-f", str(where.haproxy_config)], capture_output=True, text=True, timeout=60
+    )
     if check.returncode != 0:
         raise StandInError(f"HAProxy refuses {where.haproxy_config}: {check.stderr.strip()}")
     # -D: it goes to the background once it listens, so the ports answer when this returns.
-    started = subprocess.run(["haproxy", "-D", "-f", str(where.haproxy_config)], capture_output=True, text=True, timeout=60)
+    started = subprocess.run(
+        ["haproxy", "-D", "-f", str(where.haproxy_config)], capture_output=True, text=True, timeout=60
+    )
     if started.returncode != 0 or haproxy_running(where) is None:
         raise StandInError(f"HAProxy did not start: {started.stderr.strip()}")
 
@@ -309,25 +375,44 @@ def stop_proxy(where: Paths) -> None:
 
 # --- the commands --------------------------------------------------------------------------------------
 
+
 def up(keyspace: str) -> Paths:
     where = paths()
     down(where)
-    shutil.rmtree(where.pki, ignore_errors=True)  # the last run's certificates and superuser password went with its node
-    make_certificates(where.pki, {"node": f"DNS:localhost,IP:{HOST}", "client": "", "proxy": f"DNS:localhost,IP:{HOST}"})
+    shutil.rmtree(
+        where.pki, ignore_errors=True
+    )  # the last run's certificates and superuser password went with its node
+    make_certificates(
+        where.pki, {"node": f"DNS:localhost,IP:{HOST}", "client": "", "proxy": f"DNS:localhost,IP:{HOST}"}
+    )
     write_private(where.file("node.pem"), where.file("node.key").read_text() + where.file("node.crt").read_text())
     write_private(where.file("proxy.pem"), where.file("proxy.crt").read_text() + where.file("proxy.key").read_text())
     (where.home / "cassandra-security.yaml").write_text(security_settings(where))
-    print(f"astra-local: starting the node on {HOST}:{NODE_PORT} (TLS with client certificates, logins only)", file=sys.stderr)
+    print(
+        f"astra-local: starting the node on {HOST}:{NODE_PORT} (TLS with client certificates, logins only)",
+        file=sys.stderr,
+    )
     node(where).start_empty()
     host_id = set_up_roles(where, keyspace)
-    metadata = {"version": 1, "region": "local", "contact_info": {
-        "type": "sni_proxy", "local_dc": LOCAL_DC, "contact_points": [host_id], "sni_proxy_address": f"{HOST}:{SNI_PORT}"}}
+    metadata = {
+        "version": 1,
+        "region": "local",
+        "contact_info": {
+            "type": "sni_proxy",
+            "local_dc": LOCAL_DC,
+            "contact_points": [host_id],
+            "sni_proxy_address": f"{HOST}:{SNI_PORT}",
+        },
+    }
     where.metadata.write_text(json.dumps(metadata))
     where.haproxy_config.write_text(haproxy_config(where, host_id))
     start_proxy(where)
     write_bundle(where, keyspace, where.bundle)
-    print(f"astra-local: metadata service https://{HOST}:{METADATA_PORT}/metadata, SNI proxy {HOST}:{SNI_PORT} "
-          f"-> node {host_id}; keyspace {keyspace}; a local stand-in for Astra's connection path, not Astra", file=sys.stderr)
+    print(
+        f"astra-local: metadata service https://{HOST}:{METADATA_PORT}/metadata, SNI proxy {HOST}:{SNI_PORT} "
+        f"-> node {host_id}; keyspace {keyspace}; a local stand-in for Astra's connection path, not Astra",
+        file=sys.stderr,
+    )
     return where
 
 
@@ -339,23 +424,41 @@ def down(where: Paths) -> None:
 def variables(where: Paths, keyspace: str, direct: bool = False, role: str = "writer") -> dict[str, str]:
     """What points the project at the stand-in: the bundle and token file, or (direct) the node with TLS and a login."""
     if not direct:
-        return {"ASTRA_DB_SECURE_BUNDLE": str(where.bundle), "ASTRA_DB_TOKEN_FILE": str(where.token), "CASSANDRA_KEYSPACE": keyspace}
-    return {"CASSANDRA_HOSTS": HOST, "CASSANDRA_PORT": str(NODE_PORT), "CASSANDRA_KEYSPACE": keyspace,
-            "CASSANDRA_USERNAME": f"mnist_{role}", "CASSANDRA_PASSWORD_FILE": str(where.password(role)),
-            "CASSANDRA_TLS_CA_FILE": str(where.file("ca.crt")),
-            "CASSANDRA_TLS_CERT_FILE": str(where.file("client.crt")), "CASSANDRA_TLS_KEY_FILE": str(where.file("client.key"))}
+        return {
+            "ASTRA_DB_SECURE_BUNDLE": str(where.bundle),
+            "ASTRA_DB_TOKEN_FILE": str(where.token),
+            "CASSANDRA_KEYSPACE": keyspace,
+        }
+    return {
+        "CASSANDRA_HOSTS": HOST,
+        "CASSANDRA_PORT": str(NODE_PORT),
+        "CASSANDRA_KEYSPACE": keyspace,
+        "CASSANDRA_USERNAME": f"mnist_{role}",
+        "CASSANDRA_PASSWORD_FILE": str(where.password(role)),
+        "CASSANDRA_TLS_CA_FILE": str(where.file("ca.crt")),
+        "CASSANDRA_TLS_CERT_FILE": str(where.file("client.crt")),
+        "CASSANDRA_TLS_KEY_FILE": str(where.file("client.key")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/astra_local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/astra_local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    start = commands.add_parser("up", help="start the stand-in (new certificates, an empty node, roles, the proxy, the bundle)")
-    start.add_argument("--keyspace", default="mnist", help="the keyspace to make, as Astra's console does (default: mnist)")
+    start = commands.add_parser(
+        "up", help="start the stand-in (new certificates, an empty node, roles, the proxy, the bundle)"
+    )
+    start.add_argument(
+        "--keyspace", default="mnist", help="the keyspace to make, as Astra's console does (default: mnist)"
+    )
     token = commands.add_parser("token", help="issue a new token holding ROLE; the previous token stops working")
     token.add_argument("--role", choices=ROLES, required=True)
     show = commands.add_parser("env", help="print the variables that point the project at the stand-in")
     show.add_argument("--keyspace", default="mnist")
-    show.add_argument("--direct", action="store_true", help="the node itself, with TLS and a login, instead of the bundle")
+    show.add_argument(
+        "--direct", action="store_true", help="the node itself, with TLS and a login, instead of the bundle"
+    )
     show.add_argument("--role", choices=ROLES, default="writer", help="with --direct: whose login (default: writer)")
     commands.add_parser("down", help="stop the proxy and the node, and forget the node's data")
     args = parser.parse_args(argv)

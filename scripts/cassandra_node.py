@@ -1,6 +1,7 @@
 """A Cassandra node of its own beside the shared one, run by scripts/cassandra.sh: other ports, its own config,
 data, logs and pid file under CACHE/NAME, the shared node's jars; the shared node on 9042 is never touched.
 make soak restarts one under the registry; scripts/astra_local.py runs one with TLS and logins."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,10 +33,17 @@ class CassandraNode:
     def env(self) -> dict[str, str]:
         """The environment of scripts/cassandra.sh for this node, and of a client of it (no Astra settings)."""
         local = {key: value for key, value in os.environ.items() if not key.startswith("ASTRA_DB_")}
-        return {**local, "MNIST_SERVE_CACHE": str(self.home), "CASSANDRA_LIB": str(cache_dir() / "cassandra" / "lib"),
-                "CASSANDRA_HEAP": "512m",  # a registry and a little data; the shared node keeps its 1g
-                "CASSANDRA_HOSTS": "127.0.0.1", "CASSANDRA_PORT": str(self.port),
-                "CASSANDRA_STORAGE_PORT": str(self.storage_port), "CASSANDRA_JMX_PORT": str(self.jmx_port), **self.extra}
+        return {
+            **local,
+            "MNIST_SERVE_CACHE": str(self.home),
+            "CASSANDRA_LIB": str(cache_dir() / "cassandra" / "lib"),
+            "CASSANDRA_HEAP": "512m",  # a registry and a little data; the shared node keeps its 1g
+            "CASSANDRA_HOSTS": "127.0.0.1",
+            "CASSANDRA_PORT": str(self.port),
+            "CASSANDRA_STORAGE_PORT": str(self.storage_port),
+            "CASSANDRA_JMX_PORT": str(self.jmx_port),
+            **self.extra,
+        }
 
     @property
     def data(self) -> Path:
@@ -44,7 +52,9 @@ class CassandraNode:
     def script(self, command: str) -> float:
         """Run scripts/cassandra.sh COMMAND for this node; its seconds."""
         started = time.monotonic()
-        done = subprocess.run([str(ROOT / "scripts" / "cassandra.sh"), command], env=self.env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "cassandra.sh"), command], env=self.env, capture_output=True, text=True, timeout=600
+        )
         if done.returncode != 0:
             raise RuntimeError(f"scripts/cassandra.sh {command} (port {self.port}) failed:\n{done.stdout}{done.stderr}")
         return time.monotonic() - started
@@ -60,7 +70,9 @@ class CassandraNode:
         self.down()
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise RuntimeError(f"127.0.0.1:{self.port} is taken by another program; the Cassandra node under {self.home} needs it")
+                raise RuntimeError(
+                    f"127.0.0.1:{self.port} is taken by another program; the Cassandra node under {self.home} needs it"
+                )
         shutil.rmtree(self.data, ignore_errors=True)
         return self.up()
 

@@ -6,6 +6,7 @@ chart mounts an emptyDir (owned by the pod's fsGroup, as an emptyDir is), the ch
 mounted where its ConfigMap goes, and its environment. tests/test_container.py starts every container
 it checks this way; the benchmark below prints the image's size, its start-up and stop times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 # --- the pod the chart renders -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ChartPod:
     """The server pod and container of `helm template`, and the config.properties its ConfigMap holds."""
@@ -51,10 +53,12 @@ class ChartPod:
     config_properties: str
 
     @classmethod
-    def render(cls, helm: Path, *helm_args: str) -> "ChartPod":
+    def render(cls, helm: Path, *helm_args: str) -> ChartPod:
         done = subprocess.run(
             [str(helm), "template", "mnist-serve", str(CHART), "--kube-version", KUBE_VERSION, *helm_args],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if done.returncode != 0:
             raise RuntimeError(f"helm template failed: {done.stderr.strip()}")
@@ -74,8 +78,9 @@ class ChartPod:
     def grace_seconds(self) -> int:
         return self.pod["spec"]["terminationGracePeriodSeconds"]
 
-    def run_flags(self, config_file: Path, tmpfs_options: dict[str, str] | None = None,
-                  secrets: dict[str, Path] | None = None) -> list[str]:
+    def run_flags(
+        self, config_file: Path, tmpfs_options: dict[str, str] | None = None, secrets: dict[str, Path] | None = None
+    ) -> list[str]:
         """`docker run` flags for what the chart asks of the runtime; TMPFS_OPTIONS replaces the options of
         an emptyDir's tmpfs (by mount path), to make one unlike the chart's on purpose. SECRETS: for each Secret
         the pod mounts, by name, a folder holding its keys as files, mounted read-only as Kubernetes does."""
@@ -119,8 +124,16 @@ class Container:
     host_ports: Ports | None = None  # with the host's network: the ports it listens on
 
     @classmethod
-    def start(cls, image: str, chart: ChartPod, *extra: str, env: dict[str, str] | None = None, host_network: Ports | None = None,
-              tmpfs_options: dict[str, str] | None = None, secrets: dict[str, Path] | None = None) -> "Container":
+    def start(
+        cls,
+        image: str,
+        chart: ChartPod,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        host_network: Ports | None = None,
+        tmpfs_options: dict[str, str] | None = None,
+        secrets: dict[str, Path] | None = None,
+    ) -> Container:
         """Detached, the chart's flags first, then EXTRA flags (mounts) and ENV settings. HOST_NETWORK runs
         it in the host's network (so it reaches services on the host's loopback) with the chart's config
         moved to those ports; otherwise 8080 and 8082 are published on the host's loopback."""
@@ -146,7 +159,9 @@ class Container:
         return f"http://127.0.0.1:{host_port}{path}"
 
     def ip(self) -> str:
-        return docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", self.id).stdout.strip()
+        return docker(
+            "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", self.id
+        ).stdout.strip()
 
     def exec(self, *command: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return docker("exec", self.id, *command, timeout=timeout, check=False)
@@ -175,7 +190,9 @@ class Container:
 
 def predict(url: str, timeout: float) -> tuple[int, dict]:
     """(HTTP status, JSON answer) of the chart's test digit; status 0 when nothing answered in time."""
-    request = urllib.request.Request(url, data=json.dumps(DIGIT["pixels"]).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(DIGIT["pixels"]).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, json.load(answer)
@@ -225,24 +242,40 @@ def ping_says_healthy(url: str) -> bool:
 
 # --- make bench-image ---------------------------------------------------------------------------------
 
+
 def image_size(tag: str) -> tuple[int, list[tuple[int, str]]]:
     """(bytes, the five largest layers as (bytes, the instruction that made it))."""
     size = int(docker("image", "inspect", "--format", "{{.Size}}", tag).stdout)
     layers = []
-    for line in docker("history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}", tag).stdout.splitlines():
+    for line in docker(
+        "history", "--no-trunc", "--human=false", "--format", "{{.Size}}\t{{.CreatedBy}}", tag
+    ).stdout.splitlines():
         layer_size, created_by = line.split("\t", 1)
         layers.append((int(layer_size), " ".join(created_by.split())[:110] or "(the base image)"))
     return size, sorted(layers, reverse=True)[:5]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Builds nothing: run make image-with-model first (make bench-image does).")
-    parser.add_argument("--image", default="mnist-serve:0.1.0-cpu-model", help="the image to start (MODEL_SOURCE=image; default %(default)s)")
-    parser.add_argument("--sizes", nargs="*", default=["mnist-serve:0.1.0-cpu", "mnist-serve:0.1.0-gpu", "mnist-serve:0.1.0-gpu-train"],
-                        help="further images whose size to print, where they exist")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Builds nothing: run make image-with-model first (make bench-image does).",
+    )
+    parser.add_argument(
+        "--image",
+        default="mnist-serve:0.1.0-cpu-model",
+        help="the image to start (MODEL_SOURCE=image; default %(default)s)",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=["mnist-serve:0.1.0-cpu", "mnist-serve:0.1.0-gpu", "mnist-serve:0.1.0-gpu-train"],
+        help="further images whose size to print, where they exist",
+    )
     parser.add_argument("--runs", type=int, default=3, help="container starts to measure (default %(default)s)")
-    parser.add_argument("--helm", type=Path, default=cache_dir() / "bin" / "helm", help="helm binary (default %(default)s)")
+    parser.add_argument(
+        "--helm", type=Path, default=cache_dir() / "bin" / "helm", help="helm binary (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -259,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
 
     chart = ChartPod.render(args.helm, "--set", "model.source=image")
     print(f"\nstart-up, {args.runs} runs, run as the chart runs it (probe: {' '.join(chart.startup_command())})")
-    print(f"  {'run':>3}  {'/ping Healthy':>13}  {'probe passed':>12}  {'answer after probe':>18}  {'SIGTERM to exit':>15}  exit")
+    print(
+        f"  {'run':>3}  {'/ping Healthy':>13}  {'probe passed':>12}  {'answer after probe':>18}  "
+        f"{'SIGTERM to exit':>15}  exit"
+    )
     worst_probe, worst_stop, early, codes = 0.0, 0.0, 0, set()
     for run in range(1, args.runs + 1):
         container = Container.start(args.image, chart)
@@ -276,9 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {run:>3}  {ping:>13}  {start.probe_passed:>10.1f} s  {after:>18}  {stop_s:>13.1f} s  {code}")
     print("\ntargets")
     print(f"  probe passed before the model answered: {early} of {args.runs} runs (target 0)")
-    print(f"  first answered prediction after docker run, worst run: {worst_probe:.1f} s (target <= {FIRST_ANSWER_TARGET_S:.0f} s)")
-    print(f"  SIGTERM to exit, worst run: {worst_stop:.1f} s, exit {'/'.join(map(str, sorted(codes)))} "
-          f"(target < {chart.grace_seconds()} s, the chart's grace period; exit 143)")
+    print(
+        f"  first answered prediction after docker run, worst run: {worst_probe:.1f} s (target <= "
+        f"{FIRST_ANSWER_TARGET_S:.0f} s)"
+    )
+    print(
+        f"  SIGTERM to exit, worst run: {worst_stop:.1f} s, exit {'/'.join(map(str, sorted(codes)))} "
+        f"(target < {chart.grace_seconds()} s, the chart's grace period; exit 143)"
+    )
     return 0 if early == 0 and codes == {143} else 1
 
 

@@ -15,6 +15,7 @@ same, and the archive and its registry version while the model and handler files
 Settings: CASSANDRA_HOSTS, CASSANDRA_PORT, CASSANDRA_KEYSPACE (default mnist), as everywhere.
 ASTRA_DB_* variables are ignored: the demo runs on the local node.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's training/ and handler/, however the script is started
@@ -120,8 +121,13 @@ class Child:
         say(f"$ {shown(command)}")
         # Unbuffered: lines reach the log and the terminal as they are printed, in order.
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.reader = threading.Thread(target=self.copy, args=(re.compile(show),), daemon=True)
         self.reader.start()
@@ -209,10 +215,18 @@ class Demo:
         with self.step("load-data") as log:
             missing = self.first_incomplete_table()
             if missing is None:
-                self.note(log, f"{self.settings.where()} already holds all 70,000 images and the {PREDICT_ROWS:,} to predict; not loaded again")
+                self.note(
+                    log,
+                    f"{self.settings.where()} already holds all 70,000 images and the {PREDICT_ROWS:,} to predict; "
+                    f"not loaded again",
+                )
             else:
                 self.note(log, f"{missing} in {self.settings.where()} is not complete: loading")
-                self.run(log, [sys.executable, "-m", "training", "load-data", "--predict", str(PREDICT_ROWS)], show=r"^(data:|loaded|note:)")
+                self.run(
+                    log,
+                    [sys.executable, "-m", "training", "load-data", "--predict", str(PREDICT_ROWS)],
+                    show=r"^(data:|loaded|note:)",
+                )
             return load_mnist()  # fetched once into the cache (by load-data, or here when it was skipped)
 
     def first_incomplete_table(self) -> str | None:
@@ -233,12 +247,30 @@ class Demo:
             key = training_key(self.args.epochs)
             trained_at = None if self.args.retrain else reusable_model(self.model_dir, key, mnist.fingerprint())
             if trained_at:
-                self.note(log, f"reusing the model trained at {trained_at} (same training code, --epochs and data); --retrain to train again")
+                self.note(
+                    log,
+                    f"reusing the model trained at {trained_at} (same training code, --epochs and data); --retrain "
+                    f"to train again",
+                )
             else:
                 epochs = ["--epochs", str(self.args.epochs)] if self.args.epochs else []
-                command = [sys.executable, "-m", "training", "train", "--source", "cassandra", "--out", str(self.model_dir), *epochs]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "training",
+                    "train",
+                    "--source",
+                    "cassandra",
+                    "--out",
+                    str(self.model_dir),
+                    *epochs,
+                ]
                 self.run(log, command, show=r"^(data:|epoch \d|test accuracy)")
-                record = {"key": key, "model_sha256": file_sha256(self.model_dir / "model.pt"), "trained_at": f"{datetime.now():%Y-%m-%d %H:%M}"}
+                record = {
+                    "key": key,
+                    "model_sha256": file_sha256(self.model_dir / "model.pt"),
+                    "trained_at": f"{datetime.now():%Y-%m-%d %H:%M}",
+                }
                 (self.model_dir / TRAINED_BY_DEMO).write_text(json.dumps(record, indent=2) + "\n")
             return json.loads((self.model_dir / "metrics.json").read_text())
 
@@ -249,7 +281,11 @@ class Demo:
             if mar.exists() and mar.stat().st_mtime > newest_input:
                 self.note(log, f"reusing {shown(mar)}: newer than model.pt and the handler files it packs")
             else:
-                self.run(log, [sys.executable, "-m", "handler.archive", "--model", str(model), "--out", str(self.store)], show="^wrote")
+                self.run(
+                    log,
+                    [sys.executable, "-m", "handler.archive", "--model", str(model), "--out", str(self.store)],
+                    show="^wrote",
+                )
             return mar
 
     def publish(self, mar: Path) -> str:
@@ -259,10 +295,16 @@ class Demo:
             with db.connect(self.settings) as session:
                 same = [v.version for v in Registry(session).versions() if v.sha256 == digest]
             if same:
-                self.note(log, f"already in the registry as version {same[-1]} (same sha256 {short_sha256(digest)}); "
-                               "not published again")
+                self.note(
+                    log,
+                    f"already in the registry as version {same[-1]} (same sha256 {short_sha256(digest)}); "
+                    "not published again",
+                )
                 return same[-1]
-            output = self.run(log, [str(BIN / "mnist-registry"), "publish", str(mar), "--metrics", str(self.model_dir / "metrics.json")])
+            output = self.run(
+                log,
+                [str(BIN / "mnist-registry"), "publish", str(mar), "--metrics", str(self.model_dir / "metrics.json")],
+            )
             return re.search(r"^published version (\S+):", output, re.MULTILINE).group(1)
 
     def promote(self, version: str) -> None:
@@ -270,7 +312,8 @@ class Demo:
             self.run(log, [str(BIN / "mnist-registry"), "promote", version, "--alias", ALIAS])
 
     def serve(self) -> str:
-        """The entrypoint as the container runs it (MODEL_SOURCE=registry), on free ports; returns the prediction URL."""
+        """The entrypoint as the container runs it (MODEL_SOURCE=registry), on free ports; returns the prediction
+        URL."""
         with self.step("serve") as log:
             shutil.rmtree(self.serve_dir, ignore_errors=True)  # this run's TorchServe logs only
             for name in ("model-store", "logs"):
@@ -281,12 +324,18 @@ class Demo:
             config = self.server_tmp / "demo.properties"
             config.write_text(config_with_ports(ports))
             environment = {
-                "MODEL_SOURCE": "registry", "MODEL_VERSION": ALIAS,
-                "MODEL_STORE": str(self.serve_dir / "model-store"), "LOG_DIR": str(self.serve_dir / "logs"),
-                "TMPDIR": str(self.server_tmp), "TORCHSERVE_CONFIG": str(config),
+                "MODEL_SOURCE": "registry",
+                "MODEL_VERSION": ALIAS,
+                "MODEL_STORE": str(self.serve_dir / "model-store"),
+                "LOG_DIR": str(self.serve_dir / "logs"),
+                "TMPDIR": str(self.server_tmp),
+                "TORCHSERVE_CONFIG": str(config),
                 "TERMINATION_LOG": str(self.serve_dir / "termination-log"),  # not /dev/: this is no pod
             }
-            say(f"as in the container: MODEL_SOURCE=registry MODEL_VERSION={ALIAS}; TorchServe on free ports, its logs in {shown(self.serve_dir / 'logs')}/")
+            say(
+                f"as in the container: MODEL_SOURCE=registry MODEL_VERSION={ALIAS}; TorchServe on free ports, its "
+                f"logs in {shown(self.serve_dir / 'logs')}/"
+            )
             self.server = Child([sys.executable, str(ENTRYPOINT)], log, show="^entrypoint:", environment=environment)
             # The entrypoint waits for a first answered prediction, up to its READY_TIMEOUT, and exits if none comes.
             while "entrypoint: ready" not in self.server.output:
@@ -322,7 +371,10 @@ class Demo:
                             process.kill()
                     code = server.wait()
                 # 143 = 128 + SIGTERM: the JVM ran its shutdown hooks and stopped its workers.
-                done.append(f"stopped TorchServe (the entrypoint exited with {code}{'' if code == 143 else f', not 143: see {shown(server.log)}'})")
+                done.append(
+                    f"stopped TorchServe (the entrypoint exited with "
+                    f"{code}{'' if code == 143 else f', not 143: see {shown(server.log)}'})"
+                )
         if self.server_tmp is not None:
             shutil.rmtree(self.server_tmp, ignore_errors=True)
             self.server_tmp = None
@@ -330,7 +382,11 @@ class Demo:
             self.started_node = None
             log = self.logs / "stop.log"
             stopped = Child([str(CASSANDRA), "down"], log, show="^cassandra: stopped").wait() == 0
-            done.append("Cassandra node stopped (the demo had started it)" if stopped else f"the Cassandra node the demo started did not stop: see {shown(log)}")
+            done.append(
+                "Cassandra node stopped (the demo had started it)"
+                if stopped
+                else f"the Cassandra node the demo started did not stop: see {shown(log)}"
+            )
         elif self.started_node is False:
             done.append("Cassandra node left running (it was up before the demo)")
         return done
@@ -344,6 +400,7 @@ class Demo:
 
 
 # --- reuse --------------------------------------------------------------------------------------
+
 
 def file_sha256(path: Path) -> str:
     return sha256(path.read_bytes())
@@ -371,6 +428,7 @@ def reusable_model(model_dir: Path, key: str, data_fingerprint: str) -> str | No
 
 
 # --- the digits ---------------------------------------------------------------------------------
+
 
 def base64_of(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -402,9 +460,12 @@ def ask(url: str, mnist: Mnist, log: Path) -> list[tuple]:
     """The first test image of each digit, 0 to 9, sent in the forms above. Returns rows of
     (form, test image index, label, answer, confidence); requests and answers go to the log."""
     chosen = [int(np.flatnonzero(mnist.test_labels == digit)[0]) for digit in range(10)]
-    single, batched = chosen[: len(SINGLE)], chosen[len(SINGLE):]
-    requests = [([form], [index], *make(mnist.test_images[index])) for (form, make), index in zip(SINGLE.items(), single)]
-    instances = [make(mnist.test_images[index]) for make, index in zip(INSTANCES.values(), batched)]
+    single, batched = chosen[: len(SINGLE)], chosen[len(SINGLE) :]
+    requests = [
+        ([form], [index], *make(mnist.test_images[index]))
+        for (form, make), index in zip(SINGLE.items(), single, strict=True)
+    ]
+    instances = [make(mnist.test_images[index]) for make, index in zip(INSTANCES.values(), batched, strict=True)]
     batch_forms = [f"instances[{number}]: {form}" for number, form in enumerate(INSTANCES)]
     requests.append((batch_forms, batched, *as_json({"instances": instances})))
 
@@ -412,11 +473,14 @@ def ask(url: str, mnist: Mnist, log: Path) -> list[tuple]:
     with log.open("a") as sink:
         for forms, indexes, body, content_type in requests:
             status, answer, _ = post(url, body, content_type)
-            sink.write(f"POST {url} ({content_type}, {len(body):,} bytes: {', '.join(forms)}) -> {status} {json.dumps(answer)}\n")
+            sink.write(
+                f"POST {url} ({content_type}, {len(body):,} bytes: {', '.join(forms)}) -> {status} "
+                f"{json.dumps(answer)}\n"
+            )
             if status != 200:
                 raise RuntimeError(f"the server answered {status} to the {forms[0]} request: {answer}")
             answers = answer["predictions"] if len(indexes) > 1 else [answer]
-            for form, index, reply in zip(forms, indexes, answers):
+            for form, index, reply in zip(forms, indexes, answers, strict=True):
                 rows.append((form, index, int(mnist.test_labels[index]), reply["digit"], reply["confidence"]))
     return rows
 
@@ -425,7 +489,10 @@ def print_table(rows: list[tuple]) -> None:
     width = max(len(row[0]) for row in rows)
     say(f"{'form':<{width}}  test image  label  answer  confidence")
     for form, index, label, digit, confidence in rows:
-        say(f"{form:<{width}}  {f'#{index}':>10}  {label:>5}  {digit:>6}  {confidence:>10.3f}  {'✓' if digit == label else '✗'}")
+        say(
+            f"{form:<{width}}  {f'#{index}':>10}  {label:>5}  {digit:>6}  {confidence:>10.3f}  "
+            f"{'✓' if digit == label else '✗'}"
+        )
     say(f"{read_right(rows)} of {len(rows)} read right")
 
 
@@ -435,12 +502,20 @@ def read_right(rows: list[tuple]) -> int:
 
 # --- the whole run ------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="scripts/demo.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--epochs", type=int, help="training epochs (default: the trainer's default)")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="model, archive, TorchServe files and logs (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("artifacts/demo"),
+        help="model, archive, TorchServe files and logs (default: %(default)s)",
+    )
     parser.add_argument("--retrain", action="store_true", help="train even when the model of an earlier run would do")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -464,10 +539,17 @@ def print_summary(demo: Demo, result: dict, seconds: float) -> None:
     print(f"demo: done in {duration(seconds)}")
     for label, value in (
         ("answers", f"{read_right(rows)} of {len(rows)} test digits read right"),
-        ("metrics", f"{shown(model / 'metrics.json')} (test accuracy {metrics['test_accuracy']:.2%} after {metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''})"),
+        (
+            "metrics",
+            f"{shown(model / 'metrics.json')} (test accuracy {metrics['test_accuracy']:.2%} after "
+            f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''})",
+        ),
         ("training curve", shown(model / "training-curve.png")),
         ("confusion matrix", shown(model / "confusion-matrix.png")),
-        ("registry", f"version {result['version']} is {ALIAS} in {demo.settings.where()} (mnist-registry show {ALIAS})"),
+        (
+            "registry",
+            f"version {result['version']} is {ALIAS} in {demo.settings.where()} (mnist-registry show {ALIAS})",
+        ),
         ("logs", f"{shown(demo.logs)}/, TorchServe's in {shown(demo.serve_dir / 'logs')}/"),
     ):
         print(f"  {label + ':':<18}{value}")

@@ -1,5 +1,6 @@
 """Request bodies the tests send: a digit drawn as on a web canvas, MNIST digits as image files, and hostile
 PNGs and archives."""
+
 from __future__ import annotations
 
 import io

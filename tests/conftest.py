@@ -1,5 +1,6 @@
 """Shared fixtures: the real local Cassandra node and a fresh keyspace per test run, MNIST, the archives; and,
 from the helper modules at the end, a TorchServe per module, the pinned helm, the entrypoint's pod."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,13 @@ NOTEBOOK_ROWS = 1000  # the notebook layout writes ~1,000 rows/s: a subset, wher
 
 
 def cassandra_script(command: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "scripts" / "cassandra.sh"), command], capture_output=True, text=True, timeout=timeout, env=LOCAL_ENV)
+    return subprocess.run(
+        [str(ROOT / "scripts" / "cassandra.sh"), command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=LOCAL_ENV,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +97,11 @@ class AstraLocal:
 
     def secrets(self) -> list[str]:
         """The token and the passwords, which no output may ever show."""
-        files = [self.paths.token, *(self.paths.password(role) for role in self.module.ROLES), self.paths.file("superuser.password")]
+        files = [
+            self.paths.token,
+            *(self.paths.password(role) for role in self.module.ROLES),
+            self.paths.file("superuser.password"),
+        ]
         return [path.read_text().strip() for path in files]
 
 
@@ -100,7 +111,9 @@ def astra_local(cassandra_settings) -> AstraLocal:
     Its node shares the jars scripts/cassandra.sh fetched for the shared node (hence cassandra_settings)."""
     keyspace = "mnist_astra"
     script = [sys.executable, str(ROOT / "scripts" / "astra_local.py")]
-    started = subprocess.run([*script, "up", "--keyspace", keyspace], capture_output=True, text=True, timeout=600, env=LOCAL_ENV)
+    started = subprocess.run(
+        [*script, "up", "--keyspace", keyspace], capture_output=True, text=True, timeout=600, env=LOCAL_ENV
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield AstraLocal(keyspace)
@@ -110,7 +123,9 @@ def astra_local(cassandra_settings) -> AstraLocal:
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` as a user runs it, from the repository root."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -139,9 +154,23 @@ def model_archive(tmp_path_factory) -> Path:
     export.script(Net()).save(str(directory / "model.pt"))
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     subprocess.run(
-        [str(archiver), "--model-name", "mnist", "--version", "1.0", "--serialized-file", str(directory / "model.pt"),
-         "--handler", "image_classifier", "--export-path", str(directory), "--force"],
-        check=True, capture_output=True, timeout=120,
+        [
+            str(archiver),
+            "--model-name",
+            "mnist",
+            "--version",
+            "1.0",
+            "--serialized-file",
+            str(directory / "model.pt"),
+            "--handler",
+            "image_classifier",
+            "--export-path",
+            str(directory),
+            "--force",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     return directory / "mnist.mar"
 
@@ -150,11 +179,14 @@ def model_archive(tmp_path_factory) -> Path:
 def archive(tmp_path_factory) -> Path:
     """mnist.mar around the reference model (the model `make train` makes), in a model store of its own.
     Shared by the tests of every phase: none changes it (those that damage an archive damage a copy)."""
-    from handler.archive import build_archive, version_from_metrics
     from reference_model import reference_model_dir, same_but_for_times
 
+    from handler.archive import build_archive, version_from_metrics
+
     model = reference_model_dir()
-    archive = build_archive(model / "model.pt", tmp_path_factory.mktemp("model-store"), version_from_metrics(model / "metrics.json"))
+    archive = build_archive(
+        model / "model.pt", tmp_path_factory.mktemp("model-store"), version_from_metrics(model / "metrics.json")
+    )
     # The bytes of the last session's archive when only the times in it differ: the images built around it
     # (the kind smoke test's node image holds one) are then the cached ones, not new ones each session.
     kept = model / "mnist.mar"
@@ -172,10 +204,19 @@ def metrics_file(tmp_path_factory) -> Path:
     import json
 
     path = tmp_path_factory.mktemp("metrics") / "metrics.json"
-    path.write_text(json.dumps({
-        "test_accuracy": 0.9931, "test_loss": 0.0213, "epochs": 8, "parameters": {"epochs": 8, "lr": 0.01},
-        "data_fingerprint": "06b0d1f1" * 8, "git_commit": "0123abc", "torch_version": "2.14.1",
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "test_accuracy": 0.9931,
+                "test_loss": 0.0213,
+                "epochs": 8,
+                "parameters": {"epochs": 8, "lr": 0.01},
+                "data_fingerprint": "06b0d1f1" * 8,
+                "git_commit": "0123abc",
+                "torch_version": "2.14.1",
+            }
+        )
+    )
     return path
 
 
@@ -207,8 +248,13 @@ def low_priority(command: list[str], output) -> subprocess.Popen:
     kernel shares the CPU fairly between sessions (autogroups) whatever their nice values, so in a session of
     its own the build would take a whole core from the tests, and training whose two threads wait for each
     other would crawl."""
-    return subprocess.Popen(["nice", "-n", "15", *command], stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            process_group=0)
+    return subprocess.Popen(
+        ["nice", "-n", "15", *command],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+    )
 
 
 def pytest_sessionfinish(session):

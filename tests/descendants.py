@@ -3,6 +3,7 @@
 A child caught between fork and exec still shows its parent's command line, and on a busy machine that
 window is wide. So each process's command line is read again at every look and on every question, and a
 process matches a part if any command line it has shown contains it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,9 @@ class Descendants:
         """The processes seen whose command lines, now or before, contain `part`."""
         self._look()
         with self._lock:
-            return [process for process, commands in self.commands.items() if any(part in command for command in commands)]
+            return [
+                process for process, commands in self.commands.items() if any(part in command for command in commands)
+            ]
 
     def command(self, process: psutil.Process) -> str:
         """The command lines it showed, for a message."""

@@ -1,6 +1,7 @@
 """docker/entrypoint.py as a pod runs it, on this machine: the pod's layout in a temporary directory, the image's
 Python, the entrypoint as a child process with its output and every process under it, and a digit to send. The
 fixtures `python` and `pod` are offered to every module by tests/conftest.py."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import LOCAL_ENV
-
 from descendants import Descendants
-from handler.server import Ports, config_with_ports
 from image_env import ROOT, image_venv
+
+from handler.server import Ports, config_with_ports
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.py"
 DIGIT = json.loads((ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json").read_text())
@@ -31,7 +32,8 @@ def python() -> Path:
 
 @dataclass
 class Pod:
-    """A pod's layout in a temporary directory: the emptyDirs, the termination log, a read-only-in-spirit cwd and HOME."""
+    """A pod's layout in a temporary directory: the emptyDirs, the termination log, a read-only-in-spirit cwd and
+    HOME."""
 
     root: Path
     ports: Ports
@@ -55,9 +57,14 @@ def pod(tmp_path) -> Pod:
         (tmp_path / name).mkdir()
     environment = {
         **LOCAL_ENV,  # no ASTRA_DB_* variables: the local node
-        "MODEL_STORE": str(tmp_path / "store"), "LOG_DIR": str(tmp_path / "logs"), "TMPDIR": str(tmp_path / "tmp"),
-        "TORCHSERVE_CONFIG": str(config), "TERMINATION_LOG": str(tmp_path / "termination-log"),
-        "HOME": str(tmp_path / "home"), "READY_TIMEOUT": "240", "STOP_TIMEOUT": "20",
+        "MODEL_STORE": str(tmp_path / "store"),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "TORCHSERVE_CONFIG": str(config),
+        "TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "HOME": str(tmp_path / "home"),
+        "READY_TIMEOUT": "240",
+        "STOP_TIMEOUT": "20",
     }
     return Pod(tmp_path, ports, environment)
 
@@ -67,8 +74,13 @@ class Running:
 
     def __init__(self, python: Path, pod: Pod, **settings: str):
         self.process = subprocess.Popen(
-            [str(python), str(ENTRYPOINT)], cwd=pod.path("cwd"), env={**pod.environment, **settings},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [str(python), str(ENTRYPOINT)],
+            cwd=pod.path("cwd"),
+            env={**pod.environment, **settings},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
@@ -82,7 +94,9 @@ class Running:
     def wait_for(self, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.output:
-            assert self.process.poll() is None, f"the entrypoint exited with {self.process.returncode}:\n{self.output[-4000:]}"
+            assert self.process.poll() is None, (
+                f"the entrypoint exited with {self.process.returncode}:\n{self.output[-4000:]}"
+            )
             assert time.monotonic() < deadline, f"no {text!r} within {timeout:.0f} s:\n{self.output[-4000:]}"
             time.sleep(0.2)
 
@@ -102,7 +116,10 @@ class Running:
 
 
 def post_digit(port: int) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/predictions/mnist", data=json.dumps(DIGIT["pixels"]).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/predictions/mnist",
+        data=json.dumps(DIGIT["pixels"]).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.load(answer)

@@ -1,5 +1,6 @@
 """The serving chart as the tests render it: where it is, the values files and cases every render covers, the
 pinned helm (the fixture `helm`, which tests/conftest.py offers to every module) and `helm template`."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,19 +21,39 @@ CASES = {
     "eks-gpu": ["--values", str(CHART / "values-eks-gpu.yaml")],
     # Every optional part on, so each is rendered and validated too.
     "everything": [
-        "--values", str(CHART / "values-eks-gpu.yaml"),
-        "--set", "metrics.serviceMonitor.enabled=true", "--set", "gpu.runtimeClassName=nvidia",
-        "--set", "networkPolicy.inferenceFrom[0].namespaceSelector.matchLabels.name=ingress",
-        "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
-        "--set", "networkPolicy.egressTo[0].ipBlock.cidr=10.0.0.0/8",
-        "--set", "tests.image.repository=python", "--set", "tests.image.tag=3.11.14-slim-bookworm",
-        "--set", "imagePullSecrets[0].name=registry", "--set", "priorityClassName=serving",
+        "--values",
+        str(CHART / "values-eks-gpu.yaml"),
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "gpu.runtimeClassName=nvidia",
+        "--set",
+        "networkPolicy.inferenceFrom[0].namespaceSelector.matchLabels.name=ingress",
+        "--set",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+        "--set",
+        "networkPolicy.egressTo[0].ipBlock.cidr=10.0.0.0/8",
+        "--set",
+        "tests.image.repository=python",
+        "--set",
+        "tests.image.tag=3.11.14-slim-bookworm",
+        "--set",
+        "imagePullSecrets[0].name=registry",
+        "--set",
+        "priorityClassName=serving",
     ],
     # A self-hosted cluster with logins and TLS with client certificates (K8ssandra, a company cluster).
     "self-hosted": [
-        "--set", "cassandra.hosts[0]=cassandra.db.svc", "--set", "cassandra.auth.secretName=cassandra-login",
-        "--set", "cassandra.tls.enabled=true", "--set", "cassandra.tls.secretName=cassandra-tls",
-        "--set", "cassandra.tls.clientCertificate=true",
+        "--set",
+        "cassandra.hosts[0]=cassandra.db.svc",
+        "--set",
+        "cassandra.auth.secretName=cassandra-login",
+        "--set",
+        "cassandra.tls.enabled=true",
+        "--set",
+        "cassandra.tls.secretName=cassandra-tls",
+        "--set",
+        "cassandra.tls.clientCertificate=true",
     ],
 }
 
@@ -40,7 +61,9 @@ CASES = {
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The pinned helm, built once by the project's own installer (a no-op when it is there)."""
-    done = subprocess.run([str(ROOT / "scripts" / "install-k8s-tools.sh"), "helm"], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "install-k8s-tools.sh"), "helm"], capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return cache_dir() / "bin" / "helm"
 
@@ -51,7 +74,9 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
 
 def render(helm: Path, *args: str) -> list[dict]:
     """Every object `helm template` renders (test hooks included), as dicts."""
-    done = run_helm(helm, "template", "mnist-serve", str(CHART), "--namespace", "serving", "--kube-version", KUBE_VERSION, *args)
+    done = run_helm(
+        helm, "template", "mnist-serve", str(CHART), "--namespace", "serving", "--kube-version", KUBE_VERSION, *args
+    )
     assert done.returncode == 0, done.stderr
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
 

@@ -1,6 +1,7 @@
 """The serving image's Python environment, made by docker/install.sh exactly as the Dockerfile's builder
 stage makes it, on this machine (there is no Docker engine here). Built once per change of its inputs
 and cached outside the checkout, like the reference model; older builds are removed (each is ~5 GB)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -14,7 +15,12 @@ from pathlib import Path
 from training.config import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-INPUTS = ("docker/install.sh", "docker/requirements.txt", "docker/requirements-cuda.txt", "docker/requirements-train.txt")
+INPUTS = (
+    "docker/install.sh",
+    "docker/requirements.txt",
+    "docker/requirements-cuda.txt",
+    "docker/requirements-train.txt",
+)
 # The interpreter the venv is made from: the one behind the project venv (Python 3.11, as in the image).
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 
@@ -42,8 +48,12 @@ def image_venv() -> Path:
         if not (prefix / ".complete").exists():
             build(prefix)
         (prefix / ".complete").touch()  # when it was last used
-        builds = sorted((p for p in parent.iterdir() if (p / ".complete").exists()), key=lambda p: (p / ".complete").stat().st_mtime)
-        unfinished = [p for p in parent.iterdir() if p.is_dir() and not (p / ".complete").exists()]  # none is building: we hold the lock
+        builds = sorted(
+            (p for p in parent.iterdir() if (p / ".complete").exists()), key=lambda p: (p / ".complete").stat().st_mtime
+        )
+        unfinished = [
+            p for p in parent.iterdir() if p.is_dir() and not (p / ".complete").exists()
+        ]  # none is building: we hold the lock
         for old in builds[:-KEEP] + unfinished:
             shutil.rmtree(old, ignore_errors=True)
     return prefix
@@ -53,9 +63,14 @@ def build(prefix: Path) -> None:
     shutil.rmtree(prefix, ignore_errors=True)  # an interrupted build
     done = subprocess.run(
         [str(ROOT / "docker" / "install.sh"), "python", "cpu", str(prefix), "--without-pip"],
-        env=install_environment(), capture_output=True, text=True, timeout=1800,
+        env=install_environment(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if done.returncode != 0:
-        raise AssertionError(f"docker/install.sh python cpu failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"docker/install.sh python cpu failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
     (prefix / ".install.log").write_text(done.stdout + done.stderr)
     (prefix / ".complete").write_text("docker/install.sh python cpu PREFIX --without-pip\n")

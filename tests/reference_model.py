@@ -1,4 +1,5 @@
 """The model `make train` produces, trained once per change of the training code and cached outside the checkout."""
+
 import hashlib
 import json
 import subprocess
@@ -25,10 +26,12 @@ def reference_model_dir() -> Path:
 def same_but_for_times(one: Path, other: Path) -> bool:
     """Two model archives with the same files and bytes, apart from when they were made (the zip entries'
     times, the manifest's createdOn)."""
+
     def contents(path: Path) -> tuple[dict, dict]:
         with zipfile.ZipFile(path) as archive:
             files = {name: archive.read(name) for name in archive.namelist()}
         manifest = json.loads(files.pop("MAR-INF/MANIFEST.json"))
         manifest.pop("createdOn")
         return files, manifest
+
     return contents(one) == contents(other)

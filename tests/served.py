@@ -1,14 +1,15 @@
 """A real TorchServe for a test module, and the MNIST test digits sent to it: the fixtures `server`, `digits`
 and `known` (tests/conftest.py offers them to every module; each module gets a server of its own), and
 `allowed_origin`, the web page origin the server admits (none; a module that drives a page overrides it)."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from bodies import encoded
+
 from handler.client import Reply, post
 from handler.mnist_handler import BATCH_LOG_ENV
 from handler.server import Ports, Server, start_torchserve
@@ -28,7 +29,11 @@ def server(archive, tmp_path_factory, allowed_origin) -> Server:
     """One TorchServe on free ports for the module (a config.properties copy with those ports), which
     logs every batch: the batching test reads which requests shared one."""
     with start_torchserve(
-        archive, tmp_path_factory.mktemp("logs"), Ports.free(), environment={BATCH_LOG_ENV: "1"}, allowed_origin=allowed_origin
+        archive,
+        tmp_path_factory.mktemp("logs"),
+        Ports.free(),
+        environment={BATCH_LOG_ENV: "1"},
+        allowed_origin=allowed_origin,
     ) as running:
         yield running
 

@@ -1,4 +1,5 @@
 """`python -m handler.archive`: the model archive TorchServe loads, built by the real torch-model-archiver."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from reference_model import reference_model_dir, same_but_for_times
 
 from handler.archive import UNKNOWN_VERSION, version_from_metrics
-from reference_model import reference_model_dir, same_but_for_times
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def archive_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "handler.archive", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "handler.archive", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -32,7 +35,11 @@ def test_the_archive_holds_the_model_the_handler_and_its_configuration(tmp_path)
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
         assert manifest["modelName"] == "mnist"
         assert manifest["modelVersion"] == version_from_metrics(model / "metrics.json")
-        assert (manifest["serializedFile"], manifest["handler"], manifest["configFile"]) == ("model.pt", "mnist_handler.py", "model-config.yaml")
+        assert (manifest["serializedFile"], manifest["handler"], manifest["configFile"]) == (
+            "model.pt",
+            "mnist_handler.py",
+            "model-config.yaml",
+        )
         assert mar.read("model.pt") == (model / "model.pt").read_bytes()
         for name in ("mnist_handler.py", "inputs.py", "index_to_name.json", "model-config.yaml"):
             assert mar.read(name) == (ROOT / "handler" / name).read_bytes()
@@ -67,6 +74,7 @@ def test_a_missing_model_says_to_train_first(tmp_path):
 
 def test_archives_made_at_other_times_are_the_same_and_any_other_difference_is_not(archive, tmp_path):
     """What lets a test session reuse the last session's archive bytes (conftest's archive fixture)."""
+
     def copy(name: str, change=lambda entry, data: data) -> Path:
         """The archive with its times moved to 2030 and change(entry, data) applied to each entry."""
         path = tmp_path / name
@@ -79,5 +87,9 @@ def test_archives_made_at_other_times_are_the_same_and_any_other_difference_is_n
         return path
 
     assert same_but_for_times(archive, copy("later.mar"))
-    assert not same_but_for_times(archive, copy("model.mar", lambda entry, data: data + b"\0" if entry == "model.pt" else data))
-    assert not same_but_for_times(archive, copy("version.mar", lambda entry, data: data.replace(b'"modelVersion": "', b'"modelVersion": "v')))
+    assert not same_but_for_times(
+        archive, copy("model.mar", lambda entry, data: data + b"\0" if entry == "model.pt" else data)
+    )
+    assert not same_but_for_times(
+        archive, copy("version.mar", lambda entry, data: data.replace(b'"modelVersion": "', b'"modelVersion": "v'))
+    )

@@ -1,4 +1,5 @@
 """The background build of the Kubernetes tools (conftest.py) must yield the CPU to the tests."""
+
 from __future__ import annotations
 
 import os

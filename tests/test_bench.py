@@ -1,5 +1,6 @@
 """make bench-serve's peer and report: KServe's model server does exactly our work, and the report
 sets both side by side beside the targets (a short run: the figures themselves are not checked)."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from reference_model import reference_model_dir
 
 from bench.serve import kserve_peer
 from handler.client import encoded, post
 from handler.server import Ports, start_torchserve
-from reference_model import reference_model_dir
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -37,14 +38,31 @@ def test_the_peer_answers_every_digit_exactly_as_we_do(archive, mnist, tmp_path)
         theirs = [peer_answer(peer.url, png) for png in pngs]
     # Same decoding, same model, same JSON: the same digits and probabilities to 6 decimals (ours also names its model).
     assert [{key: value for key, value in reply.answer.items() if key != "model"} for reply in ours] == theirs
-    assert sum(answer["digit"] == label for answer, label in zip(theirs, mnist.test_labels[:40])) >= 39
+    assert sum(answer["digit"] == label for answer, label in zip(theirs, mnist.test_labels[:40], strict=True)) >= 39
 
 
 def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archive, tmp_path):
     done = subprocess.run(
-        [str(ROOT / "scripts" / "with-wrk.sh"), sys.executable, "-m", "bench.serve", "--archive", str(archive),
-         "--seconds", "1", "--connections", "1,4", "--peer-workers", "1", "--logs", str(tmp_path / "logs")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            str(ROOT / "scripts" / "with-wrk.sh"),
+            sys.executable,
+            "-m",
+            "bench.serve",
+            "--archive",
+            str(archive),
+            "--seconds",
+            "1",
+            "--connections",
+            "1,4",
+            "--peer-workers",
+            "1",
+            "--logs",
+            str(tmp_path / "logs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()

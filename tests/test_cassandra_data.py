@@ -1,4 +1,5 @@
 """MNIST into the local Cassandra node and back: load-data, its count check, the Cassandra data source."""
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,17 @@ def count(session, table: str) -> int:
 
 @pytest.fixture(scope="module")
 def notebook_load(cassandra_env):
-    return run_cli(cassandra_env, "training", "load-data", "--layout", "notebook", "--limit", str(NOTEBOOK_ROWS), "--predict", "100")
+    return run_cli(
+        cassandra_env,
+        "training",
+        "load-data",
+        "--layout",
+        "notebook",
+        "--limit",
+        str(NOTEBOOK_ROWS),
+        "--predict",
+        "100",
+    )
 
 
 def test_load_data_writes_all_70000_images_and_checks_the_count(full_load, cassandra):
@@ -32,7 +43,11 @@ def test_load_data_writes_all_70000_images_and_checks_the_count(full_load, cassa
     assert "count check passed" in full_load.stdout
     rate = float(re.search(r"([\d,]+) rows/s", full_load.stdout).group(1).replace(",", ""))
     print(f"\nload-data, blob layout: {full_load.stdout.strip()}")
-    assert (count(cassandra, "train_images"), count(cassandra, "test_images"), count(cassandra, "predict_images")) == (60_000, 10_000, 1_000)
+    assert (count(cassandra, "train_images"), count(cassandra, "test_images"), count(cassandra, "predict_images")) == (
+        60_000,
+        10_000,
+        1_000,
+    )
     assert rate > 0
 
 
@@ -40,7 +55,9 @@ def test_the_count_check_finds_a_row_that_is_not_there(cassandra, mnist):
     load(cassandra, NOTEBOOK, mnist, limit=NOTEBOOK_ROWS, predict=100)
     cassandra.execute("DELETE FROM raw_predict WHERE id = 42")
     try:
-        with pytest.raises(DataError, match=r"raw_predict: 1 of the 100 rows written are not in the table \(first missing: id 42\)"):
+        with pytest.raises(
+            DataError, match=r"raw_predict: 1 of the 100 rows written are not in the table \(first missing: id 42\)"
+        ):
             check_loaded(cassandra, NOTEBOOK, "predict", 100)
     finally:
         load(cassandra, NOTEBOOK, mnist, limit=NOTEBOOK_ROWS, predict=100)
@@ -50,10 +67,24 @@ def test_the_count_check_finds_a_row_that_is_not_there(cassandra, mnist):
 def test_load_data_again_changes_nothing(notebook_load, cassandra_env, cassandra, mnist):
     assert notebook_load.returncode == 0, notebook_load.stderr
     before = CassandraMnist(cassandra, NOTEBOOK, "test", expect_mnist_counts=False).load()
-    again = run_cli(cassandra_env, "training", "load-data", "--layout", "notebook", "--limit", str(NOTEBOOK_ROWS), "--predict", "100")
+    again = run_cli(
+        cassandra_env,
+        "training",
+        "load-data",
+        "--layout",
+        "notebook",
+        "--limit",
+        str(NOTEBOOK_ROWS),
+        "--predict",
+        "100",
+    )
     assert again.returncode == 0, again.stderr
     after = CassandraMnist(cassandra, NOTEBOOK, "test", expect_mnist_counts=False).load()
-    assert (count(cassandra, "raw_train"), count(cassandra, "raw_test"), count(cassandra, "raw_predict")) == (NOTEBOOK_ROWS, NOTEBOOK_ROWS, 100)
+    assert (count(cassandra, "raw_train"), count(cassandra, "raw_test"), count(cassandra, "raw_predict")) == (
+        NOTEBOOK_ROWS,
+        NOTEBOOK_ROWS,
+        100,
+    )
     assert after.fingerprint() == before.fingerprint()
     assert np.array_equal(after.train_images, mnist.train_images[:NOTEBOOK_ROWS])
 
@@ -97,7 +128,11 @@ def test_unlabelled_rows_are_refused_for_training(notebook_load, cassandra):
 def test_a_gap_in_the_ids_is_reported(notebook_load, cassandra, mnist):
     cassandra.execute("DELETE FROM raw_train WHERE id = 7")
     try:
-        with pytest.raises(DataError, match=r"raw_train: .* \(id 7 is missing or repeated\); load the table again with: python -m training load-data --layout notebook"):
+        with pytest.raises(
+            DataError,
+            match=r"raw_train: .* \(id 7 is missing or repeated\); load the table again with: python -m training "
+            r"load-data --layout notebook",
+        ):
             CassandraMnist(cassandra, NOTEBOOK, "test keyspace", expect_mnist_counts=False).load()
     finally:
         load(cassandra, NOTEBOOK, mnist, limit=NOTEBOOK_ROWS)

@@ -1,4 +1,5 @@
 """A database that is not there: a clear one-line error within seconds and a non-zero exit."""
+
 from __future__ import annotations
 
 import socket
@@ -27,7 +28,9 @@ def closed_port() -> int:
 def test_connect_to_a_closed_port_fails_fast_with_the_address(closed_port):
     settings = replace(cassandra_settings({}), port=closed_port)
     started = time.perf_counter()
-    with pytest.raises(db.DatabaseError, match=f"cannot connect to Cassandra at 127.0.0.1:{closed_port}.*scripts/cassandra.sh up"):
+    with pytest.raises(
+        db.DatabaseError, match=f"cannot connect to Cassandra at 127.0.0.1:{closed_port}.*scripts/cassandra.sh up"
+    ):
         with db.connect(settings):
             pass
     assert time.perf_counter() - started < PROMPT_S
@@ -58,7 +61,9 @@ def test_commands_report_a_database_that_is_down_in_one_line(closed_port, comman
     result = run_cli(env, *command, timeout=60)
     seconds = time.perf_counter() - started
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: cannot connect to Cassandra at 127.0.0.1:{closed_port}, keyspace never_created")
+    assert result.stderr.startswith(
+        f"error: cannot connect to Cassandra at 127.0.0.1:{closed_port}, keyspace never_created"
+    )
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert seconds < allowed, f"{seconds:.1f} s"
 

@@ -1,4 +1,5 @@
 """predict-table: a registered model scores the predict table and its answers land in the predictions table."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def expected_answers(model_archive, images: np.ndarray) -> tuple[np.ndarray, np.
     return digit.numpy(), confidence.numpy()
 
 
-def test_predict_table_writes_digit_confidence_and_version_for_every_row(full_load, cassandra, cassandra_env, model_archive, metrics_file, mnist):
+def test_predict_table_writes_digit_confidence_and_version_for_every_row(
+    full_load, cassandra, cassandra_env, model_archive, metrics_file, mnist
+):
     assert full_load.returncode == 0, full_load.stderr
     registry = Registry(cassandra)
     registry.publish(model_archive, read_metrics(metrics_file), "predict-1")
@@ -66,5 +69,7 @@ def test_an_archive_without_its_model_writes_nothing(cassandra, cassandra_env, m
     Registry(cassandra).publish(hollow, read_metrics(metrics_file), "hollow-1")
     result = run_cli(cassandra_env, "training", "predict-table", "--model", "hollow-1")
     assert result.returncode == 1
-    assert result.stderr == "error: version hollow-1: the archive's manifest names model.pt, which is not in the archive\n"
+    assert (
+        result.stderr == "error: version hollow-1: the archive's manifest names model.pt, which is not in the archive\n"
+    )
     assert predictions(cassandra, "predict_images", "hollow-1") == {}

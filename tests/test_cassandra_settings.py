@@ -1,5 +1,6 @@
 """Connection settings, the Cluster arguments for a local node, a node with TLS and a login, and Astra, token
 ranges: no database needed."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,7 +23,12 @@ TOKEN = "AstraCS:secret-token-value"
 def bundle_zip(path: Path, leave_out: str = "", config: dict | None = None) -> Path:
     """A zip laid out like a secure connect bundle (the files are not real certificates)."""
     with zipfile.ZipFile(path, "w") as archive:
-        files = {"config.json": json.dumps(config or {"host": "db.example", "port": 29080}), "ca.crt": "-", "cert": "-", "key": "-"}
+        files = {
+            "config.json": json.dumps(config or {"host": "db.example", "port": 29080}),
+            "ca.crt": "-",
+            "cert": "-",
+            "key": "-",
+        }
         for name, text in files.items():
             if name != leave_out:
                 archive.writestr(name, text)
@@ -36,7 +42,9 @@ def test_defaults_are_the_local_node():
 
 
 def test_local_settings_from_the_environment():
-    settings = cassandra_settings({"CASSANDRA_HOSTS": "10.0.0.1, 10.0.0.2", "CASSANDRA_PORT": "19042", "CASSANDRA_KEYSPACE": "digits"})
+    settings = cassandra_settings(
+        {"CASSANDRA_HOSTS": "10.0.0.1, 10.0.0.2", "CASSANDRA_PORT": "19042", "CASSANDRA_KEYSPACE": "digits"}
+    )
     assert settings.hosts == ("10.0.0.1", "10.0.0.2")
     kwargs = db.cluster_kwargs(settings)
     assert kwargs["contact_points"] == ["10.0.0.1", "10.0.0.2"]
@@ -47,11 +55,17 @@ def test_local_settings_from_the_environment():
 
 def test_astra_settings_build_a_cloud_cluster_with_the_token(tmp_path):
     bundle = bundle_zip(tmp_path / "secure-connect-mnist.zip")
-    settings = cassandra_settings({"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN, "CASSANDRA_HOSTS": "ignored"})
+    settings = cassandra_settings(
+        {"ASTRA_DB_SECURE_BUNDLE": str(bundle), "ASTRA_DB_TOKEN": TOKEN, "CASSANDRA_HOSTS": "ignored"}
+    )
     assert settings.astra
     kwargs = db.cluster_kwargs(settings)
     # Unpacked in the temp directory: beside the bundle is a read-only Secret mount in a pod.
-    assert kwargs["cloud"] == {"secure_connect_bundle": str(bundle), "use_default_tempdir": True, "connect_timeout": 5.0}
+    assert kwargs["cloud"] == {
+        "secure_connect_bundle": str(bundle),
+        "use_default_tempdir": True,
+        "connect_timeout": 5.0,
+    }
     auth = kwargs["auth_provider"]
     assert isinstance(auth, PlainTextAuthProvider)
     assert (auth.username, auth.password) == ("token", TOKEN)
@@ -84,34 +98,88 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
     def run(*args):
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-subj", "/CN=test CA", "-days", "1")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=client")
-    run("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.crt", "-days", "1")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=test CA",
+        "-days",
+        "1",
+    )
+    run(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=client",
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "1",
+    )
     return {name: folder / name for name in ("ca.crt", "client.crt", "client.key")}
 
 
 def test_a_login_and_tls_build_an_auth_provider_and_a_verifying_context(certificates, tmp_path):
     password = tmp_path / "password"
     password.write_text("s3cret\n")
-    settings = cassandra_settings({
-        "CASSANDRA_HOSTS": "cassandra.db.svc", "CASSANDRA_USERNAME": "mnist_reader", "CASSANDRA_PASSWORD_FILE": str(password),
-        "CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
-        "CASSANDRA_TLS_CERT_FILE": str(certificates["client.crt"]), "CASSANDRA_TLS_KEY_FILE": str(certificates["client.key"]),
-    })
+    settings = cassandra_settings(
+        {
+            "CASSANDRA_HOSTS": "cassandra.db.svc",
+            "CASSANDRA_USERNAME": "mnist_reader",
+            "CASSANDRA_PASSWORD_FILE": str(password),
+            "CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
+            "CASSANDRA_TLS_CERT_FILE": str(certificates["client.crt"]),
+            "CASSANDRA_TLS_KEY_FILE": str(certificates["client.key"]),
+        }
+    )
     assert settings.where() == "cassandra.db.svc:9042 (TLS, user mnist_reader), keyspace mnist"
     kwargs = db.cluster_kwargs(settings)
     assert (kwargs["auth_provider"].username, kwargs["auth_provider"].password) == ("mnist_reader", "s3cret")
     context = kwargs["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname  # the node must prove its name
-    unchecked = cassandra_settings({"CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]), "CASSANDRA_TLS_VERIFY_HOSTNAME": "false"})
+    unchecked = cassandra_settings(
+        {"CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]), "CASSANDRA_TLS_VERIFY_HOSTNAME": "false"}
+    )
     assert not db.cluster_kwargs(unchecked)["ssl_context"].check_hostname
     assert "auth_provider" not in db.cluster_kwargs(unchecked)
 
 
 def test_tls_files_that_cannot_be_used_are_one_database_error(certificates):
-    swapped = cassandra_settings({"CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
-                                  "CASSANDRA_TLS_CERT_FILE": str(certificates["client.key"]), "CASSANDRA_TLS_KEY_FILE": str(certificates["client.crt"])})
+    swapped = cassandra_settings(
+        {
+            "CASSANDRA_TLS_CA_FILE": str(certificates["ca.crt"]),
+            "CASSANDRA_TLS_CERT_FILE": str(certificates["client.key"]),
+            "CASSANDRA_TLS_KEY_FILE": str(certificates["client.crt"]),
+        }
+    )
     with pytest.raises(db.DatabaseError, match=r"^the TLS files of CASSANDRA_TLS_\*_FILE cannot be used: "):
         db.cluster_kwargs(swapped)
 
@@ -127,11 +195,17 @@ def test_tls_files_that_cannot_be_used_are_one_database_error(certificates):
         ({"ASTRA_DB_SECURE_BUNDLE": "/nonexistent/bundle.zip"}, "there is no token"),
         ({"ASTRA_DB_SECURE_BUNDLE": "b.zip", "ASTRA_DB_TOKEN": TOKEN, "ASTRA_DB_TOKEN_FILE": "t"}, "set only one"),
         ({"ASTRA_DB_SECURE_BUNDLE": "b.zip", "ASTRA_DB_TOKEN_FILE": "/nonexistent/token"}, "cannot read it"),
-        ({"CASSANDRA_USERNAME": "mnist_reader"}, "CASSANDRA_USERNAME is set but there is no password: set CASSANDRA_PASSWORD, or CASSANDRA_PASSWORD_FILE"),
+        (
+            {"CASSANDRA_USERNAME": "mnist_reader"},
+            "CASSANDRA_USERNAME is set but there is no password: set CASSANDRA_PASSWORD, or CASSANDRA_PASSWORD_FILE",
+        ),
         ({"CASSANDRA_PASSWORD": "x"}, "a Cassandra password is set but CASSANDRA_USERNAME is not"),
         ({"CASSANDRA_TLS_CA_FILE": "/nonexistent/ca.crt"}, "CASSANDRA_TLS_CA_FILE=/nonexistent/ca.crt: no such file"),
         ({"CASSANDRA_TLS_CERT_FILE": "/etc/hostname"}, "set both CASSANDRA_TLS_CERT_FILE and CASSANDRA_TLS_KEY_FILE"),
-        ({"CASSANDRA_TLS_CERT_FILE": "/etc/hostname", "CASSANDRA_TLS_KEY_FILE": "/etc/hostname"}, "CASSANDRA_TLS_CA_FILE is not"),
+        (
+            {"CASSANDRA_TLS_CERT_FILE": "/etc/hostname", "CASSANDRA_TLS_KEY_FILE": "/etc/hostname"},
+            "CASSANDRA_TLS_CA_FILE is not",
+        ),
         ({"CASSANDRA_TLS_VERIFY_HOSTNAME": "maybe"}, "is not true or false"),
     ],
 )
@@ -184,4 +258,12 @@ def test_schema_file_splits_into_create_statements():
     assert statements and all(s.upper().startswith("CREATE TABLE IF NOT EXISTS") for s in statements)
     assert not any("--" in s for s in statements)
     tables = {s.split()[5] for s in statements}
-    assert {"train_images", "raw_train", "raw_predict", "predictions", "model_versions", "archive_chunks", "checkpoints"} <= tables
+    assert {
+        "train_images",
+        "raw_train",
+        "raw_predict",
+        "predictions",
+        "model_versions",
+        "archive_chunks",
+        "checkpoints",
+    } <= tables

@@ -1,4 +1,5 @@
 """Training from the Cassandra tables with checkpoints in the database, and resuming from one."""
+
 from __future__ import annotations
 
 import io
@@ -14,7 +15,21 @@ from training.model import Net
 pytestmark = [pytest.mark.cassandra, pytest.mark.slow]
 
 # Small and quick, but a real run: data from the tables, two epochs, export, metrics.
-TRAIN = ["train", "--source", "cassandra", "--checkpoints", "cassandra", "--epochs", "2", "--train-limit", "512", "--val-size", "256", "--seed", "3"]
+TRAIN = [
+    "train",
+    "--source",
+    "cassandra",
+    "--checkpoints",
+    "cassandra",
+    "--epochs",
+    "2",
+    "--train-limit",
+    "512",
+    "--val-size",
+    "256",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture
@@ -25,12 +40,18 @@ def test_keyspace(monkeypatch, cassandra_settings):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_checkpoints_go_to_the_database_and_a_run_resumes_from_one(full_load, cassandra, mnist, test_keyspace, tmp_path, capsys):
+def test_checkpoints_go_to_the_database_and_a_run_resumes_from_one(
+    full_load, cassandra, mnist, test_keyspace, tmp_path, capsys
+):
     assert full_load.returncode == 0, full_load.stderr
     assert cli.main([*TRAIN, "--out", str(tmp_path / "whole")]) == 0
     run_id = re.search(r"as run (\S+) ", capsys.readouterr().err).group(1)
 
-    rows = list(cassandra.execute("SELECT epoch, comments, upload_date, network, optimizer FROM checkpoints WHERE run_id = %s", (run_id,)))
+    rows = list(
+        cassandra.execute(
+            "SELECT epoch, comments, upload_date, network, optimizer FROM checkpoints WHERE run_id = %s", (run_id,)
+        )
+    )
     assert [row[0] for row in rows] == [2, 1]  # newest first
     assert rows[1][1].startswith("epoch 1/2: train loss ") and rows[1][2] is not None
     # The notebook's columns: network and optimizer state, loadable as they are.
@@ -50,6 +71,9 @@ def test_checkpoints_go_to_the_database_and_a_run_resumes_from_one(full_load, ca
 
 def test_resume_names_what_is_wrong(full_load, test_keyspace, capsys):
     assert cli.main([*TRAIN, "--resume", "cassandra:no-such-run"]) == 1
-    assert capsys.readouterr().err == "error: --resume cassandra:no-such-run: no checkpoints of a run no-such-run in the database\n"
+    assert (
+        capsys.readouterr().err
+        == "error: --resume cassandra:no-such-run: no checkpoints of a run no-such-run in the database\n"
+    )
     assert cli.main([*TRAIN, "--resume", "cassandra:"]) == 1
     assert "expected cassandra:RUN_ID or cassandra:RUN_ID@EPOCH" in capsys.readouterr().err

@@ -4,6 +4,7 @@ EKS node groups (k8s/kwok/nodes.yaml: two CPU nodes, and two GPU nodes with one 
 GPU taint). The API server validates and stores every object, the scheduler places the pods, the
 Deployment, ReplicaSet, HPA, disruption and EndpointSlice controllers do their work; only the containers
 are simulated (kwok reports them Running). What needs real containers is the kind smoke test's."""
+
 from __future__ import annotations
 
 import secrets
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helm_chart import CHART, KUBE_VERSION
 from kubernetes import client, config, dynamic, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.resource import ResourceList
 
-from helm_chart import CHART, KUBE_VERSION
 from training.config import cache_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -62,15 +63,24 @@ def namespace(api) -> str:
     core = client.CoreV1Api(api)
     name = f"chart-test-{secrets.token_hex(3)}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    for secret, key in (("mnist-serve-astra-bundle", "secure-connect-bundle.zip"), ("mnist-serve-astra-token", "token")):
-        core.create_namespaced_secret(name, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={key: "placeholder"}))
+    for secret, key in (
+        ("mnist-serve-astra-bundle", "secure-connect-bundle.zip"),
+        ("mnist-serve-astra-token", "token"),
+    ):
+        core.create_namespaced_secret(
+            name, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={key: "placeholder"})
+        )
     yield name
     core.delete_namespace(name)
 
 
 def run_helm(helm: Path, kubeconfig: Path, namespace: str, *args: str) -> subprocess.CompletedProcess:  # noqa: F811
-    return subprocess.run([str(helm), *args, f"--kubeconfig={kubeconfig}", "--namespace", namespace],
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [str(helm), *args, f"--kubeconfig={kubeconfig}", "--namespace", namespace],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def install(helm, kubeconfig, namespace, release: str, *values: str) -> subprocess.CompletedProcess:  # noqa: F811
@@ -81,7 +91,9 @@ def server_pods(api, namespace: str, release: str) -> list[client.V1Pod]:
     return client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=SERVER.format(release=release)).items
 
 
-def wait_for_pods(api, namespace: str, release: str, count: int, running: int, timeout: float = 120) -> list[client.V1Pod]:
+def wait_for_pods(
+    api, namespace: str, release: str, count: int, running: int, timeout: float = 120
+) -> list[client.V1Pod]:
     """The release's server pods once there are `count` of them and `running` of those are Running.
     The HPA controller sets the replica count after the install, within its 15 s sync period."""
     deadline = time.monotonic() + timeout
@@ -99,6 +111,7 @@ def is_ready(pod: client.V1Pod) -> bool:
 
 # --- placement -------------------------------------------------------------------------------------
 
+
 def test_gpu_pods_run_on_gpu_nodes_with_one_gpu_each_and_the_service_selects_them(helm, kubeconfig, api, namespace):  # noqa: F811
     done = install(helm, kubeconfig, namespace, "gpu", *EKS_GPU)
     assert done.returncode == 0, done.stderr
@@ -114,9 +127,18 @@ def test_gpu_pods_run_on_gpu_nodes_with_one_gpu_each_and_the_service_selects_the
         assert container.resources.requests["nvidia.com/gpu"] == "1"
 
     # The Service's endpoints are exactly these pods, on the inference and metrics ports only.
-    slices = client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
-        namespace, label_selector="kubernetes.io/service-name=gpu-mnist-serve").items
-    addresses = {address for s in slices for endpoint in s.endpoints or () if endpoint.conditions.ready for address in endpoint.addresses}
+    slices = (
+        client.DiscoveryV1Api(api)
+        .list_namespaced_endpoint_slice(namespace, label_selector="kubernetes.io/service-name=gpu-mnist-serve")
+        .items
+    )
+    addresses = {
+        address
+        for s in slices
+        for endpoint in s.endpoints or ()
+        if endpoint.conditions.ready
+        for address in endpoint.addresses
+    }
     assert addresses == {pod.status.pod_ip for pod in pods} and len(addresses) == 2
     assert {port.port for s in slices for port in s.ports} == {8080, 8082}
 
@@ -130,7 +152,9 @@ def test_cpu_pods_stay_off_the_gpu_nodes(helm, kubeconfig, api, namespace):  # n
 
 
 def unschedulable_reason(pod: client.V1Pod) -> str:
-    return next((c.message for c in pod.status.conditions or () if c.type == "PodScheduled" and c.reason == "Unschedulable"), "")
+    return next(
+        (c.message for c in pod.status.conditions or () if c.type == "PodScheduled" and c.reason == "Unschedulable"), ""
+    )
 
 
 def test_more_replicas_than_gpus_leaves_the_extra_pod_pending_for_a_gpu(helm, kubeconfig, api, namespace):  # noqa: F811
@@ -154,8 +178,20 @@ def test_more_replicas_than_gpus_leaves_the_extra_pod_pending_for_a_gpu(helm, ku
 
 
 def test_a_pod_asking_for_more_gpus_than_a_node_has_is_not_scheduled(helm, kubeconfig, api, namespace):  # noqa: F811
-    done = run_helm(helm, kubeconfig, namespace, "install", "greedy", str(CHART),
-                    "--set", "gpu.enabled=true", "--set", "gpu.count=2", "--set", "replicaCount=1")
+    done = run_helm(
+        helm,
+        kubeconfig,
+        namespace,
+        "install",
+        "greedy",
+        str(CHART),
+        "--set",
+        "gpu.enabled=true",
+        "--set",
+        "gpu.count=2",
+        "--set",
+        "replicaCount=1",
+    )
     assert done.returncode == 0, done.stderr
     deadline = time.monotonic() + 60
     while not (pods := server_pods(api, namespace, "greedy")) or not unschedulable_reason(pods[0]):
@@ -175,9 +211,11 @@ def test_a_bad_value_is_refused_before_anything_is_created(helm, kubeconfig, api
 
 # --- upgrades ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Rollout:
     """The server pods as the API server reported every change to them during an upgrade."""
+
     old_hash: str
     replicas: int
     fewest_serving: int = 10**6  # ready pods not being deleted
@@ -197,12 +235,33 @@ def upgrade_and_watch(helm, kubeconfig, api, namespace: str, release: str, *valu
     pods = {pod.metadata.name: pod for pod in listed.items}
     (old_hash,) = {pod_template_hash(pod) for pod in pods.values()}
     rollout = Rollout(old_hash=old_hash, replicas=len(pods))
-    upgrade = subprocess.Popen([str(helm), "upgrade", release, str(CHART), "--reuse-values", *values, "--wait", "--timeout", "3m",
-                                f"--kubeconfig={kubeconfig}", "--namespace", namespace],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    upgrade = subprocess.Popen(
+        [
+            str(helm),
+            "upgrade",
+            release,
+            str(CHART),
+            "--reuse-values",
+            *values,
+            "--wait",
+            "--timeout",
+            "3m",
+            f"--kubeconfig={kubeconfig}",
+            "--namespace",
+            namespace,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     events = watch.Watch()
-    for event in events.stream(core.list_namespaced_pod, namespace, label_selector=SERVER.format(release=release),
-                               resource_version=listed.metadata.resource_version, timeout_seconds=180):
+    for event in events.stream(
+        core.list_namespaced_pod,
+        namespace,
+        label_selector=SERVER.format(release=release),
+        resource_version=listed.metadata.resource_version,
+        timeout_seconds=180,
+    ):
         pod = event["object"]
         if event["type"] == "DELETED":
             pods.pop(pod.metadata.name, None)
@@ -220,15 +279,23 @@ def upgrade_and_watch(helm, kubeconfig, api, namespace: str, release: str, *valu
     return rollout
 
 
-def check_within_budgets(api, namespace: str, release: str, rollout: Rollout, max_surge: int, max_unavailable: int) -> None:
+def check_within_budgets(
+    api, namespace: str, release: str, rollout: Rollout, max_surge: int, max_unavailable: int
+) -> None:
     """The Deployment's update strategy and the PodDisruptionBudget (maxUnavailable 1) both held throughout."""
     budget = client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(FULLNAME.format(release=release), namespace)
     assert budget.spec.max_unavailable == 1
-    assert rollout.fewest_serving >= rollout.replicas - max_unavailable >= rollout.replicas - budget.spec.max_unavailable
+    assert (
+        rollout.fewest_serving >= rollout.replicas - max_unavailable >= rollout.replicas - budget.spec.max_unavailable
+    )
     assert rollout.most_pods <= rollout.replicas + max_surge
-    assert set(rollout.new_pods) == {pod.metadata.name for pod in server_pods(api, namespace, release)}  # the old ones are gone
+    assert set(rollout.new_pods) == {
+        pod.metadata.name for pod in server_pods(api, namespace, release)
+    }  # the old ones are gone
     deadline = time.monotonic() + 30  # the disruption controller catches up with the new pods
-    while (status := client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(budget.metadata.name, namespace).status).current_healthy != rollout.replicas:
+    while (
+        status := client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(budget.metadata.name, namespace).status
+    ).current_healthy != rollout.replicas:
         assert time.monotonic() < deadline, status
         time.sleep(1)
     assert status.disruptions_allowed == 1
@@ -252,7 +319,9 @@ def test_upgrades_to_a_new_model_or_config_roll_the_gpu_pods_one_at_a_time(helm,
 
     checksum = "checksum/config"
     old_checksum = next(iter(new_model.new_pods.values())).metadata.annotations[checksum]
-    new_config = upgrade_and_watch(helm, kubeconfig, api, namespace, "gpu", "--set", "torchserve.extraProperties.job_queue_size=2000")
+    new_config = upgrade_and_watch(
+        helm, kubeconfig, api, namespace, "gpu", "--set", "torchserve.extraProperties.job_queue_size=2000"
+    )
     check_within_budgets(api, namespace, "gpu", new_config, max_surge=0, max_unavailable=1)
     assert {pod.metadata.annotations[checksum] for pod in new_config.new_pods.values()} != {old_checksum}
     config_map = client.CoreV1Api(api).read_namespaced_config_map("gpu-mnist-serve", namespace)
@@ -264,16 +333,32 @@ def test_a_config_change_rolls_the_cpu_pods_adding_one_before_removing_one(helm,
     done = install(helm, kubeconfig, namespace, "cpu")
     assert done.returncode == 0, done.stderr
     wait_for_pods(api, namespace, "cpu", count=2, running=2)
-    rollout = upgrade_and_watch(helm, kubeconfig, api, namespace, "cpu", "--set", "torchserve.extraProperties.job_queue_size=2000")
+    rollout = upgrade_and_watch(
+        helm, kubeconfig, api, namespace, "cpu", "--set", "torchserve.extraProperties.job_queue_size=2000"
+    )
     check_within_budgets(api, namespace, "cpu", rollout, max_surge=1, max_unavailable=0)
     assert rollout.fewest_serving == 2
 
 
 # --- what the API server accepts ------------------------------------------------------------------
 
+
 def rendered(helm, values_file: str) -> list[dict]:  # noqa: F811
-    done = subprocess.run([str(helm), "template", "dry", str(CHART), "--kube-version", KUBE_VERSION, "--values", str(CHART / values_file)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(helm),
+            "template",
+            "dry",
+            str(CHART),
+            "--kube-version",
+            KUBE_VERSION,
+            "--values",
+            str(CHART / values_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
 
@@ -300,14 +385,26 @@ def test_every_rendered_object_passes_a_server_side_dry_run(helm, api, namespace
             dry_run(api, namespace, obj)
         except ApiException as error:
             pytest.fail(f"{values_file}: {obj['kind']}/{obj['metadata']['name']} refused: {error.body}")
-    assert {obj["kind"] for obj in objects} >= {"Deployment", "Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "Pod"}
+    assert {obj["kind"] for obj in objects} >= {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "ServiceAccount",
+        "NetworkPolicy",
+        "Pod",
+    }
     assert left_in(api, namespace) == set()  # a dry run stores nothing
 
 
 @pytest.fixture(scope="module")
 def gateway_api(api) -> None:
     """The Gateway API's standard CRDs (from its Go module, GATEWAY_API_VERSION), installed once and Established."""
-    done = subprocess.run([str(ROOT / "scripts" / "install-k8s-tools.sh"), "gateway-api-crds"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "install-k8s-tools.sh"), "gateway-api-crds"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     extensions = client.ApiextensionsV1Api(api)
     names = []
@@ -320,17 +417,47 @@ def gateway_api(api) -> None:
                 except ApiException as error:
                     assert error.status == 409, error.body  # installed by an earlier run on this cluster
     deadline = time.monotonic() + 60
-    while not all(any(c.type == "Established" and c.status == "True" for c in extensions.read_custom_resource_definition(name).status.conditions or [])
-                  for name in names):
+    while not all(
+        any(
+            c.type == "Established" and c.status == "True"
+            for c in extensions.read_custom_resource_definition(name).status.conditions or []
+        )
+        for name in names
+    ):
         assert time.monotonic() < deadline, "the Gateway API CRDs were not Established within 60 s"
         time.sleep(1)
 
 
-def test_the_canary_the_gateway_api_route_and_the_rollout_rbac_pass_a_server_side_dry_run(helm, api, namespace, gateway_api):  # noqa: F811
-    done = subprocess.run([str(helm), "template", "dry", str(CHART), "--kube-version", KUBE_VERSION, "--set", "canary.enabled=true",
-                           "--set", "canary.version=1", "--set", "canary.replicas=1", "--set", "gatewayAPI.enabled=true",
-                           "--set", "gatewayAPI.parentRefs[0].name=public", "--set", "gatewayAPI.canaryWeight=25",
-                           "--set", "rollout.rbac.create=true"], capture_output=True, text=True, timeout=120)
+def test_the_canary_the_gateway_api_route_and_the_rollout_rbac_pass_a_server_side_dry_run(
+    helm, api, namespace, gateway_api
+):  # noqa: F811
+    done = subprocess.run(
+        [
+            str(helm),
+            "template",
+            "dry",
+            str(CHART),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            "canary.enabled=true",
+            "--set",
+            "canary.version=1",
+            "--set",
+            "canary.replicas=1",
+            "--set",
+            "gatewayAPI.enabled=true",
+            "--set",
+            "gatewayAPI.parentRefs[0].name=public",
+            "--set",
+            "gatewayAPI.canaryWeight=25",
+            "--set",
+            "rollout.rbac.create=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     objects = [obj for obj in yaml.safe_load_all(done.stdout) if obj]
     for obj in objects:
@@ -339,8 +466,14 @@ def test_the_canary_the_gateway_api_route_and_the_rollout_rbac_pass_a_server_sid
         except ApiException as error:
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} refused: {error.body}")
     kinds = [(obj["kind"], obj["metadata"]["name"]) for obj in objects]
-    assert {("HTTPRoute", "dry-mnist-serve"), ("Deployment", "dry-mnist-serve-canary"), ("Service", "dry-mnist-serve-stable"),
-            ("Service", "dry-mnist-serve-canary"), ("Role", "dry-mnist-serve-rollout"), ("RoleBinding", "dry-mnist-serve-rollout")} <= set(kinds)
+    assert {
+        ("HTTPRoute", "dry-mnist-serve"),
+        ("Deployment", "dry-mnist-serve-canary"),
+        ("Service", "dry-mnist-serve-stable"),
+        ("Service", "dry-mnist-serve-canary"),
+        ("Role", "dry-mnist-serve-rollout"),
+        ("RoleBinding", "dry-mnist-serve-rollout"),
+    } <= set(kinds)
     route = next(obj for obj in objects if obj["kind"] == "HTTPRoute")
     assert [ref["weight"] for ref in route["spec"]["rules"][0]["backendRefs"]] == [75, 25]
     # The check can fail: the CRD's own schema refuses a weight over its maximum.
@@ -362,13 +495,19 @@ def test_the_dry_run_refuses_what_a_schema_cannot_see(helm, api, namespace):  # 
 
 # --- helm test and uninstall ---------------------------------------------------------------------
 
+
 def left_in(api, namespace: str) -> set[tuple[str, str]]:
     """(kind, name) of every object in the namespace, of every namespaced kind the API server lists, except
     what every namespace holds, the test's Secrets, and events."""
     found = set()
     for resource in dynamic_client(api).resources.search(namespaced=True):
-        if isinstance(resource, ResourceList) or "/" in resource.name or "list" not in (resource.verbs or ()) \
-                or resource.kind == "Event" or not resource.preferred:
+        if (
+            isinstance(resource, ResourceList)
+            or "/" in resource.name
+            or "list" not in (resource.verbs or ())
+            or resource.kind == "Event"
+            or not resource.preferred
+        ):
             continue
         for item in resource.get(namespace=namespace).items:
             found.add((resource.kind, item.metadata.name))

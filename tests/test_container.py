@@ -3,6 +3,7 @@ one where none runs), the image built offline (docker/build.sh), and containers 
 its pods (scripts/container.py: read-only root, uid 1000, no capabilities, tmpfs only on the emptyDirs).
 Checked: readiness is an answered prediction, real digits in every input form, metrics, no management
 API outside, SIGTERM, and each refusal as one line."""
+
 from __future__ import annotations
 
 import base64
@@ -36,8 +37,13 @@ FAIL_S = 120.0  # a refusal starts no TorchServe
 
 def build(*args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
     """docker/build.sh ARGS: (the tag it built, what it said on stderr)."""
-    done = subprocess.run([str(ROOT / "docker" / "build.sh"), *args], capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [str(ROOT / "docker" / "build.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1], done.stderr
 
@@ -66,17 +72,33 @@ def test_an_engine_starts_over_pid_files_a_stopped_machine_left(engine, tmp_path
         tr '\\0' ' ' </proc/$(cat /run/docker.pid)/cmdline
         kill $(cat /run/docker.pid) && while [[ -e /run/docker.pid ]]; do sleep 0.2; done
     """
-    done = subprocess.run(["unshare", "--pid", "--mount", "--net", "--fork", "--mount-proc", "bash", "-c", inside],
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        ["unshare", "--pid", "--mount", "--net", "--fork", "--mount-proc", "bash", "-c", inside],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr + (tmp_path / "dockerd.log").read_text()[-3000:]
     said = done.stderr.splitlines()
-    assert any(re.fullmatch(r"docker-engine: removing /var/run/docker.pid: pid \d+ is not a running dockerd .*", line) for line in said)
-    assert any(re.fullmatch(r"docker-engine: removing /var/run/docker/containerd/containerd.pid: pid \d+ is not a running containerd .*", line)
-               for line in said)
+    assert any(
+        re.fullmatch(r"docker-engine: removing /var/run/docker.pid: pid \d+ is not a running dockerd .*", line)
+        for line in said
+    )
+    assert any(
+        re.fullmatch(
+            r"docker-engine: removing /var/run/docker/containerd/containerd.pid: "
+            r"pid \d+ is not a running containerd .*",
+            line,
+        )
+        for line in said
+    )
     assert re.fullmatch(r"docker-engine: Docker engine \S+ answers \(started here, left running\)", said[-1])
     # With no daemon.json of the machine's, BuildKit's cache is collected (each venv change adds 5 GB to it).
     assert done.stdout.split() == ["dockerd", "--config-file", f"{tmp_path}/dockerd.json"]
-    assert json.loads((tmp_path / "dockerd.json").read_text())["builder"]["gc"] == {"enabled": True, "defaultKeepStorage": "15GB"}
+    assert json.loads((tmp_path / "dockerd.json").read_text())["builder"]["gc"] == {
+        "enabled": True,
+        "defaultKeepStorage": "15GB",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +127,25 @@ def started():
         container.remove()
 
 
-def start(started: list, image: str, chart: ChartPod, *extra: str, host_network: bool = False,
-          tmpfs_options: dict[str, str] | None = None, secrets: dict[str, Path] | None = None, **env: str) -> Container:
-    container = Container.start(image, chart, *extra, env=env, host_network=Ports.free() if host_network else None,
-                                tmpfs_options=tmpfs_options, secrets=secrets)
+def start(
+    started: list,
+    image: str,
+    chart: ChartPod,
+    *extra: str,
+    host_network: bool = False,
+    tmpfs_options: dict[str, str] | None = None,
+    secrets: dict[str, Path] | None = None,
+    **env: str,
+) -> Container:
+    container = Container.start(
+        image,
+        chart,
+        *extra,
+        env=env,
+        host_network=Ports.free() if host_network else None,
+        tmpfs_options=tmpfs_options,
+        secrets=secrets,
+    )
     started.append(container)
     return container
 
@@ -124,17 +161,29 @@ def digits():
 
 # --- the image -------------------------------------------------------------------------------------
 
+
 def test_the_image_runs_as_uid_1000_exposes_no_management_port_and_holds_no_build_ca(image):
     config = json.loads(docker("image", "inspect", "--format", "{{json .Config}}", image).stdout)
     assert config["User"] == "1000:1000" and sorted(config["ExposedPorts"]) == ["8080/tcp", "8082/tcp"]
     assert not any(e.startswith(("PIP_CERT=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
     # No installer: neither in the venv nor in the base image's Python (Debian's or the python image's).
-    pips = docker("run", "--rm", "--entrypoint", "sh", image, "-c",
-                  "for p in /opt/venv/bin/python /usr/bin/python3 /usr/local/bin/python3; do "
-                  "[ -x $p ] && $p -m pip --version && echo \"$p has pip\"; done; true")
+    pips = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "for p in /opt/venv/bin/python /usr/bin/python3 /usr/local/bin/python3; do "
+        '[ -x $p ] && $p -m pip --version && echo "$p has pip"; done; true',
+    )
     assert "has pip" not in pips.stdout, pips.stdout
     # Serving code only: the entrypoint, the handler and the registry client; the training code is the training image's.
-    assert docker("run", "--rm", "--entrypoint", "ls", image, "/opt/mnist-serve").stdout.split() == ["docker", "handler", "registry"]
+    assert docker("run", "--rm", "--entrypoint", "ls", image, "/opt/mnist-serve").stdout.split() == [
+        "docker",
+        "handler",
+        "registry",
+    ]
     # The host's CA bundle was a build secret. The certificates it has beyond the image's own (Debian's)
     # bundle, such as a TLS-intercepting proxy's, must be in no file of the image.
     bundle = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -142,27 +191,50 @@ def test_the_image_runs_as_uid_1000_exposes_no_management_port_and_holds_no_buil
     extra = certificates(bundle.read_text() if bundle.exists() else "") - certificates(inside)
     for certificate in sorted(extra):
         line = certificate.splitlines()[2]  # a line of its base64 body, as any copy of it would hold
-        found = docker("run", "--rm", "--entrypoint", "grep", image, "-rlF", "--exclude-dir=proc", "--exclude-dir=sys",
-                       "--exclude-dir=dev", "-e", line, "/", check=False, timeout=600)
+        found = docker(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "grep",
+            image,
+            "-rlF",
+            "--exclude-dir=proc",
+            "--exclude-dir=sys",
+            "--exclude-dir=dev",
+            "-e",
+            line,
+            "/",
+            check=False,
+            timeout=600,
+        )
         assert found.stdout.strip() == "", f"the host's CA is in the image: {found.stdout}"
     assert docker("run", "--rm", "--entrypoint", "ls", image, "/run/secrets", check=False).returncode != 0
 
 
 def certificates(pem: str) -> set[str]:
-    return {block.strip() + "\n-----END CERTIFICATE-----" for block in pem.split("-----END CERTIFICATE-----") if "BEGIN" in block}
+    return {
+        block.strip() + "\n-----END CERTIFICATE-----"
+        for block in pem.split("-----END CERTIFICATE-----")
+        if "BEGIN" in block
+    }
 
 
 # --- serving, locked down ------------------------------------------------------------------------------
+
 
 def test_ready_means_a_prediction_is_answered_within_a_second(image_with_model, chart, started):
     """The chart's startup probe, polled from `docker run` as the kubelet would: the first moment it passes,
     a prediction is answered within 1 s. /ping alone would say Healthy earlier (printed, not asserted)."""
     container = start(started, image_with_model, chart)
     start_up = watch_start_up(container, chart, START_S)
-    print(f"\n/ping Healthy {start_up.ping_healthy} s, probe passed {start_up.probe_passed:.1f} s, "
-          f"answer after it {start_up.answer_after_probe} s")
+    print(
+        f"\n/ping Healthy {start_up.ping_healthy} s, probe passed {start_up.probe_passed:.1f} s, "
+        f"answer after it {start_up.answer_after_probe} s"
+    )
     assert start_up.answer_after_probe is not None and start_up.answer_after_probe <= 1.0
-    assert start_up.answer["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+    assert (
+        start_up.answer["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+    )
 
 
 def test_serves_real_digits_locked_down_and_stops_on_sigterm(image_with_model, chart, started, digits):
@@ -173,7 +245,10 @@ def test_serves_real_digits_locked_down_and_stops_on_sigterm(image_with_model, c
     forms = {
         "PNG": lambda d: (encoded(d), "image/png"),
         "JPEG": lambda d: (encoded(d, "JPEG"), "image/jpeg"),
-        "base64 JSON": lambda d: (json.dumps({"data": base64.b64encode(encoded(d)).decode()}).encode(), "application/json"),
+        "base64 JSON": lambda d: (
+            json.dumps({"data": base64.b64encode(encoded(d)).decode()}).encode(),
+            "application/json",
+        ),
         "28x28 array": lambda d: (json.dumps(d.tolist()).encode(), "application/json"),
         "784 array": lambda d: (json.dumps(d.ravel().tolist()).encode(), "application/json"),
     }
@@ -211,6 +286,7 @@ def reachable(host: str, port: int) -> bool:
 
 # --- the model from the registry ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def published(cassandra, archive, metrics_file) -> str:
     """The reference archive published in the test keyspace under an alias of its own."""
@@ -227,13 +303,20 @@ def published(cassandra, archive, metrics_file) -> str:
 
 def registry_env(cassandra_settings, **more: str) -> dict[str, str]:
     """The local node, reached from the container through the host's network (it listens on loopback)."""
-    return {"MODEL_SOURCE": "registry", "CASSANDRA_HOSTS": "127.0.0.1", "CASSANDRA_PORT": str(cassandra_settings.port),
-            "CASSANDRA_KEYSPACE": cassandra_settings.keyspace, **more}
+    return {
+        "MODEL_SOURCE": "registry",
+        "CASSANDRA_HOSTS": "127.0.0.1",
+        "CASSANDRA_PORT": str(cassandra_settings.port),
+        "CASSANDRA_KEYSPACE": cassandra_settings.keyspace,
+        **more,
+    }
 
 
 @pytest.mark.cassandra
 def test_serves_a_registry_alias_from_the_local_node(image, chart, started, published, cassandra_settings):
-    container = start(started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION=published))
+    container = start(
+        started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION=published)
+    )
     start_up = watch_start_up(container, chart, START_S)
     assert start_up.answer_after_probe is not None
     assert f"({published}), sha256" in container.logs() and "checked" in container.logs()
@@ -242,7 +325,9 @@ def test_serves_a_registry_alias_from_the_local_node(image, chart, started, publ
 
 
 @pytest.mark.cassandra
-def test_serves_through_astras_connection_path_from_read_only_secret_mounts(image, helm, started, astra_local, archive, metrics_file, tmp_path):
+def test_serves_through_astras_connection_path_from_read_only_secret_mounts(
+    image, helm, started, astra_local, archive, metrics_file, tmp_path
+):
     """As on EKS: the bundle and a read-only token from Secrets, mounted read-only (so the driver must unpack the
     bundle under /tmp), the registry reached through the stand-in's metadata service and SNI proxy."""
     from registry import db
@@ -256,16 +341,29 @@ def test_serves_through_astras_connection_path_from_read_only_secret_mounts(imag
         registry.promote("container-1", "container")
     astra_local.use_token("reader")
     secrets = {}
-    for name, source, key in (("bundle", astra_local.paths.bundle, "secure-connect-bundle.zip"), ("token", astra_local.paths.token, "token")):
+    for name, source, key in (
+        ("bundle", astra_local.paths.bundle, "secure-connect-bundle.zip"),
+        ("token", astra_local.paths.token, "token"),
+    ):
         folder = tmp_path / name
         folder.mkdir()
         shutil.copy(source, folder / key)
         os.chown(folder / key, 0, 1000)  # as a Secret volume: root's, readable by the pod's fsGroup
         (folder / key).chmod(0o440)
         secrets[f"mnist-serve-astra-{name}"] = folder
-    chart = ChartPod.render(helm, "--set", "astra.enabled=true", "--set", "astra.bundleSecret.name=mnist-serve-astra-bundle",
-                            "--set", "astra.tokenSecret.name=mnist-serve-astra-token", "--set", f"cassandra.keyspace={astra_local.keyspace}",
-                            "--set", "model.version=container")
+    chart = ChartPod.render(
+        helm,
+        "--set",
+        "astra.enabled=true",
+        "--set",
+        "astra.bundleSecret.name=mnist-serve-astra-bundle",
+        "--set",
+        "astra.tokenSecret.name=mnist-serve-astra-token",
+        "--set",
+        f"cassandra.keyspace={astra_local.keyspace}",
+        "--set",
+        "model.version=container",
+    )
     container = start(started, image, chart, host_network=True, secrets=secrets)
     start_up = watch_start_up(container, chart, START_S)
     assert start_up.answer_after_probe is not None, container.logs()[-3000:]
@@ -275,6 +373,7 @@ def test_serves_through_astras_connection_path_from_read_only_secret_mounts(imag
 
 
 # --- refusals: one line, exit 1 ------------------------------------------------------------------------
+
 
 def damaged_copy(archive: Path, directory: Path) -> Path:
     damaged = directory / "mnist.mar"
@@ -295,19 +394,43 @@ REFUSALS = {
 @pytest.mark.parametrize("refusal", REFUSALS)
 def test_each_refusal_is_one_line_and_exit_1(refusal, image, chart, started, archive, cassandra_settings, tmp_path):
     if refusal == "unknown version":
-        container = start(started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION="no-such-version"))
+        container = start(
+            started,
+            image,
+            chart,
+            host_network=True,
+            **registry_env(cassandra_settings, MODEL_VERSION="no-such-version"),
+        )
     elif refusal == "registry down":
         with socket.socket() as unused:
             unused.bind(("127.0.0.1", 0))
             port = unused.getsockname()[1]
-        container = start(started, image, chart, host_network=True,
-                          **{**registry_env(cassandra_settings), "CASSANDRA_PORT": str(port), "CASSANDRA_CONNECT_TIMEOUT": "2"})
+        container = start(
+            started,
+            image,
+            chart,
+            host_network=True,
+            **{**registry_env(cassandra_settings), "CASSANDRA_PORT": str(port), "CASSANDRA_CONNECT_TIMEOUT": "2"},
+        )
     elif refusal == "damaged archive":
-        container = start(started, image, chart, "-v", f"{damaged_copy(archive, tmp_path)}:/opt/mnist-serve/model/mnist.mar:ro",
-                          MODEL_SOURCE="image")
+        container = start(
+            started,
+            image,
+            chart,
+            "-v",
+            f"{damaged_copy(archive, tmp_path)}:/opt/mnist-serve/model/mnist.mar:ro",
+            MODEL_SOURCE="image",
+        )
     else:  # a plain `docker run --tmpfs PATH`: root's, 0755
-        container = start(started, image, chart, "-v", f"{archive}:/opt/mnist-serve/model/mnist.mar:ro", MODEL_SOURCE="image",
-                          tmpfs_options={"/home/model-server/model-store": "mode=755"})
+        container = start(
+            started,
+            image,
+            chart,
+            "-v",
+            f"{archive}:/opt/mnist-serve/model/mnist.mar:ro",
+            MODEL_SOURCE="image",
+            tmpfs_options={"/home/model-server/model-store": "mode=755"},
+        )
     assert container.wait(FAIL_S) == 1
     output = container.logs()
     errors = [line for line in output.splitlines() if "error" in line.lower()]
@@ -317,14 +440,19 @@ def test_each_refusal_is_one_line_and_exit_1(refusal, image, chart, started, arc
 
 # --- the other targets -----------------------------------------------------------------------------------
 
+
 def test_the_gpu_image_builds_here_and_serves_on_a_cpu(engine, image, archive, helm, started):
     """nvidia/cuda cannot be pulled here: the build says it skipped the forward-compatibility libraries.
     On a node without a GPU, with the GPU values' NUMBER_OF_GPU=1, it serves and says it runs on the CPU."""
     tag, said = build("gpu")
     assert "skipped the CUDA driver forward-compatibility libraries" in said and "driver >= 580" in said
-    gpu_chart = ChartPod.render(helm, "-f", str(ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml"), "--set", "model.source=image")
+    gpu_chart = ChartPod.render(
+        helm, "-f", str(ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml"), "--set", "model.source=image"
+    )
     assert gpu_chart.env()["NUMBER_OF_GPU"] == "1"
-    container = start(started, tag, gpu_chart, "-v", f"{archive}:/opt/mnist-serve/model/mnist.mar:ro", MODEL_SOURCE="image")
+    container = start(
+        started, tag, gpu_chart, "-v", f"{archive}:/opt/mnist-serve/model/mnist.mar:ro", MODEL_SOURCE="image"
+    )
     start_up = watch_start_up(container, gpu_chart, START_S)
     assert start_up.answer_after_probe is not None
     assert "entrypoint: ready: POST http://<pod>:8080/predictions/mnist (model on cpu)" in container.logs()
@@ -332,28 +460,70 @@ def test_the_gpu_image_builds_here_and_serves_on_a_cpu(engine, image, archive, h
 
 def test_the_training_image_builds_and_runs_its_cli_locked_down(engine, image, chart):
     tag, _ = build("gpu", "--train")
-    done = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--cap-drop=ALL", "--tmpfs", "/tmp", tag, "--help", check=False)
+    done = docker(
+        "run",
+        "--rm",
+        "--read-only",
+        "--user",
+        "1000:1000",
+        "--cap-drop=ALL",
+        "--tmpfs",
+        "/tmp",
+        tag,
+        "--help",
+        check=False,
+    )
     assert done.returncode == 0 and "train" in done.stdout, done.stdout + done.stderr
     assert docker("image", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip() == "1000:1000"
     # It publishes what it trains: the registry's command line runs in it too.
-    published = docker("run", "--rm", "--read-only", "--user", "1000:1000", "--entrypoint", "/opt/venv/bin/python", tag, "-m", "registry.cli", "publish", "--help")
+    published = docker(
+        "run",
+        "--rm",
+        "--read-only",
+        "--user",
+        "1000:1000",
+        "--entrypoint",
+        "/opt/venv/bin/python",
+        tag,
+        "-m",
+        "registry.cli",
+        "publish",
+        "--help",
+    )
     assert "--metrics" in published.stdout
 
 
 def test_a_build_removes_the_images_it_supersedes_and_no_one_elses(engine, image):
     """Each image a build replaces under its tag is left untagged (5 GB when the venv changed): build.sh
     removes this project's (its title label), never an untagged image of someone else's."""
+
     def untagged(title: str) -> str:
         """Two images with no layers built under one tag: the first's id, left untagged."""
         tag, built = f"mnist-serve-superseded-{title}:test", []
         for revision in ("old", "new"):
-            done = subprocess.run(["docker", "build", "--quiet", "--tag", tag, "--label", f"revision={revision}",
-                                   "--label", f"org.opencontainers.image.title={title}", "-"], input="FROM scratch\nLABEL superseded=yes\n",
-                                  capture_output=True, text=True, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+            done = subprocess.run(
+                [
+                    "docker",
+                    "build",
+                    "--quiet",
+                    "--tag",
+                    tag,
+                    "--label",
+                    f"revision={revision}",
+                    "--label",
+                    f"org.opencontainers.image.title={title}",
+                    "-",
+                ],
+                input="FROM scratch\nLABEL superseded=yes\n",
+                capture_output=True,
+                text=True,
+                env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            )
             assert done.returncode == 0, done.stderr
             built.append(done.stdout.strip())
         docker("image", "rm", tag)
         return built[0]
+
     ours, theirs = untagged("mnist-serve"), untagged("someone-else")
     _, said = build("cpu")
     assert re.search(r"^build\.sh: superseded mnist-serve images removed: \S+ freed$", said, re.MULTILINE), said
@@ -371,14 +541,21 @@ def test_readmes_docker_run_line_works_as_written(image_with_model, archive):
     command = " ".join(block.group(1).replace("\\\n", " ").split())
     assert " mnist-serve:0.1.0-cpu-model" in command and " -p 8080:8080 " in command
     port = Ports.free().inference
-    command = command.replace(" mnist-serve:0.1.0-cpu-model", f" {image_with_model}").replace(" -p 8080:8080 ", f" -p 127.0.0.1:{port}:8080 ")
-    process = subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = command.replace(" mnist-serve:0.1.0-cpu-model", f" {image_with_model}").replace(
+        " -p 8080:8080 ", f" -p 127.0.0.1:{port}:8080 "
+    )
+    process = subprocess.Popen(
+        ["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + START_S
         while (reply := answered(f"http://127.0.0.1:{port}/predictions/mnist")) is None and time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.5)
-        assert reply is not None and reply["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+        assert (
+            reply is not None
+            and reply["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
+        )
         process.send_signal(signal.SIGTERM)  # the docker client passes it on to the container
         assert process.wait(60) == 143
     finally:

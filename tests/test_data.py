@@ -1,4 +1,5 @@
 """MNIST loading: IDX parsing, the checks that catch corrupt files, and the cached real data."""
+
 import gzip
 import struct
 

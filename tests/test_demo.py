@@ -1,6 +1,7 @@
 """`make demo` run for real: scripts/demo.py as a subprocess, in a keyspace and a directory of its own, with a
 1-epoch model. Every step, the answers it prints against the true labels, the files it leaves, the registry's
 production alias, no TorchServe process left behind, the reuse decision of a second run, and how it fails."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,8 +37,13 @@ class DemoRun:
 def run_demo(environment: dict[str, str], *args: str, timeout: float = RUN_S) -> DemoRun:
     """The demo as `make demo` runs it, while every process under it (TorchServe's included) is watched."""
     process = subprocess.Popen(
-        [sys.executable, str(DEMO), *args], cwd=ROOT, env=environment,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(DEMO), *args],
+        cwd=ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     with Descendants(process.pid) as seen:
         try:
@@ -81,6 +87,7 @@ def answers(output: str) -> list[dict]:
 
 
 # --- a whole run ---------------------------------------------------------------------------------
+
 
 @runs_the_demo
 def test_every_step_runs_in_order_and_the_answers_match_the_labels(demo):
@@ -158,14 +165,24 @@ def test_a_second_run_reuses_the_model_only_for_the_same_code_epochs_and_data(de
 
 # --- refusals and failures -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (("--epochs", "0"), "argument --epochs: must be at least 1, got 0"),
-    (("--epochs", "two"), "argument --epochs: invalid int value: 'two'"),
-    (("--bogus",), "unrecognized arguments: --bogus"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--epochs", "0"), "argument --epochs: must be at least 1, got 0"),
+        (("--epochs", "two"), "argument --epochs: invalid int value: 'two'"),
+        (("--bogus",), "unrecognized arguments: --bogus"),
+    ],
+)
 def test_a_bad_flag_is_refused_before_anything_starts(flags, message, tmp_path):
-    done = subprocess.run([sys.executable, str(DEMO), *flags, "--out", str(tmp_path / "out")], cwd=ROOT, env=LOCAL_ENV,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(DEMO), *flags, "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=LOCAL_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "[1/9]" not in done.stdout and not (tmp_path / "out").exists()
 

@@ -1,5 +1,6 @@
 """The tests' process watcher (tests/descendants.py) knows a child by what it ends up running, however long the
 child spends between fork and exec."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +8,6 @@ import sys
 import time
 
 import psutil
-
 from descendants import Descendants
 
 # A parent whose child, after fork, waits for a file before it execs `sleep 2`: the watcher sees it first with

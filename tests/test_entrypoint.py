@@ -2,6 +2,7 @@
 the registry on the local Cassandra node or from the image, a real TorchServe, stop signals, and each way it
 refuses to start (unknown version, registry down, damaged archive, bad settings) with its message where
 Kubernetes shows it (the termination log)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,11 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import LOCAL_ENV
-
 from entrypoint_pod import DIGIT, ENTRYPOINT, READY_S, Pod, Running, post_digit
+from image_env import ROOT
+
 from handler.archive import build_archive
 from handler.server import LOG_CONFIG, Ports, config_with_ports
-from image_env import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +48,12 @@ def sha256(path: Path) -> str:
 
 # --- serving -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.cassandra
 @pytest.mark.serve
-def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archive, cassandra, cassandra_settings, metrics_file):
+def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(
+    python, pod, archive, cassandra, cassandra_settings, metrics_file
+):
     from registry.store import Registry, read_metrics
 
     registry = Registry(cassandra)
@@ -57,7 +61,9 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
     registry.publish(archive, read_metrics(metrics_file), version)
     registry.promote(version, alias)
 
-    running = Running(python, pod, MODEL_SOURCE="registry", MODEL_VERSION=alias, CASSANDRA_KEYSPACE=cassandra_settings.keyspace)
+    running = Running(
+        python, pod, MODEL_SOURCE="registry", MODEL_VERSION=alias, CASSANDRA_KEYSPACE=cassandra_settings.keyspace
+    )
     try:
         running.wait_for("entrypoint: ready", READY_S)
         assert (pod.path("tmp") / "mnist-serve-ready").exists()  # the chart's startup probe checks it
@@ -65,14 +71,19 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(python, pod, archi
         assert sha256(pod.path("store") / "mnist.mar") == sha256(archive)  # the published bytes, checksum-verified
         answer = post_digit(pod.ports.inference)
         assert answer["digit"] == DIGIT["label"], answer
-        assert answer["model"] == {"version": version, "sha256": sha256(archive)[:12]}  # the registry's version, not the archive's own
+        assert answer["model"] == {
+            "version": version,
+            "sha256": sha256(archive)[:12],
+        }  # the registry's version, not the archive's own
 
         # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it.
         (java,) = psutil.Process(running.process.pid).children()
         # Its children are the two workers and, every minute, TorchServe's system-metrics collector.
         workers = set(java.children()) & set(running.seen.ran("model_service_worker"))
         assert java.name() == "java" and len(workers) == 2, [running.seen.command(child) for child in java.children()]
-        listening = {c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        listening = {
+            c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+        }
         assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
         assert listening[pod.ports.inference] in ("0.0.0.0", "::")  # every address: Kubernetes routes to the pod IP
     finally:
@@ -98,9 +109,14 @@ def test_serves_the_archive_built_into_the_image_and_stops_on_sigint(python, pod
         assert post_digit(pod.ports.inference)["digit"] == DIGIT["label"]
         # What `helm test` runs in the cluster, run here against the same kind of server.
         helm_test = subprocess.run(
-            [str(python), str(ROOT / "charts" / "mnist-serve" / "files" / "helm-test.py")], capture_output=True, text=True, timeout=120,
-            env={"PREDICT_URL": f"http://127.0.0.1:{pod.ports.inference}/predictions/mnist",
-                 "DIGIT_FILE": str(ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json")},
+            [str(python), str(ROOT / "charts" / "mnist-serve" / "files" / "helm-test.py")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                "PREDICT_URL": f"http://127.0.0.1:{pod.ports.inference}/predictions/mnist",
+                "DIGIT_FILE": str(ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json"),
+            },
         )
         assert helm_test.returncode == 0 and helm_test.stdout.startswith("ok: "), helm_test.stdout + helm_test.stderr
         # number_of_gpu is a cap: with no GPU here TorchServe uses the CPU.
@@ -123,38 +139,68 @@ def test_the_java_command_is_what_torchserve_launcher_runs(python, tmp_path):
     (java_home / "bin").mkdir(parents=True)
     argv_file = tmp_path / "argv"
     fake_java = java_home / "bin" / "java"
-    fake_java.write_text(f"#!/bin/sh\nfor arg in \"$@\"; do echo \"$arg\"; done > {argv_file}\n")
+    fake_java.write_text(f'#!/bin/sh\nfor arg in "$@"; do echo "$arg"; done > {argv_file}\n')
     fake_java.chmod(0o755)
     store, scratch, config = tmp_path / "store", tmp_path / "tmp", tmp_path / "config.properties"
     store.mkdir()
     scratch.mkdir()
     config.write_text(config_with_ports(Ports.free()))
-    environment = {**LOCAL_ENV, "JAVA_HOME": str(java_home), "TEMP": str(scratch), "TMPDIR": str(scratch),
-                   "MODEL_STORE": str(store), "TORCHSERVE_CONFIG": str(config)}
+    environment = {
+        **LOCAL_ENV,
+        "JAVA_HOME": str(java_home),
+        "TEMP": str(scratch),
+        "TMPDIR": str(scratch),
+        "MODEL_STORE": str(store),
+        "TORCHSERVE_CONFIG": str(config),
+    }
 
     launcher = subprocess.run(
-        [str(python.with_name("torchserve")), "--start", "--foreground", "--ncs", "--ts-config", str(config),
-         "--log-config", str(LOG_CONFIG), "--model-store", str(store), "--models", "mnist=mnist.mar"],
-        env=environment, capture_output=True, text=True, timeout=60,
+        [
+            str(python.with_name("torchserve")),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(config),
+            "--log-config",
+            str(LOG_CONFIG),
+            "--model-store",
+            str(store),
+            "--models",
+            "mnist=mnist.mar",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert launcher.returncode == 0, launcher.stderr
     by_launcher = [str(java_home / "bin" / "java")] + argv_file.read_text().splitlines()
 
     ours = subprocess.run(
-        [str(python), "-c", "import importlib.util, json, os, sys\n"
-         f"spec = importlib.util.spec_from_file_location('entrypoint', {str(ENTRYPOINT)!r})\n"
-         "entrypoint = sys.modules['entrypoint'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(entrypoint)\n"
-         "from startup.run_config import run_config  # importable once the entrypoint set the path\n"
-         "settings = entrypoint.settings_from(os.environ)\n"
-         "text, props = run_config(settings)\n"
-         "print(json.dumps(entrypoint.java_command(props, settings.config, settings)))"],
-        env=environment, capture_output=True, text=True, timeout=60,
+        [
+            str(python),
+            "-c",
+            "import importlib.util, json, os, sys\n"
+            f"spec = importlib.util.spec_from_file_location('entrypoint', {str(ENTRYPOINT)!r})\n"
+            "entrypoint = sys.modules['entrypoint'] = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(entrypoint)\n"
+            "from startup.run_config import run_config  # importable once the entrypoint set the path\n"
+            "settings = entrypoint.settings_from(os.environ)\n"
+            "text, props = run_config(settings)\n"
+            "print(json.dumps(entrypoint.java_command(props, settings.config, settings)))",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert ours.returncode == 0, ours.stderr
     assert json.loads(ours.stdout) == by_launcher
 
 
 # --- refusing to start -------------------------------------------------------------------------------
+
 
 def assert_refused(code: int, output: str, pod: Pod, message: str) -> None:
     assert code == 1, output[-3000:]
@@ -165,7 +211,13 @@ def assert_refused(code: int, output: str, pod: Pod, message: str) -> None:
 
 @pytest.mark.cassandra
 def test_an_unknown_version_is_refused(python, pod, cassandra_env):
-    code, output = run(python, pod, MODEL_SOURCE="registry", MODEL_VERSION="no-such-version", CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"])
+    code, output = run(
+        python,
+        pod,
+        MODEL_SOURCE="registry",
+        MODEL_VERSION="no-such-version",
+        CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"],
+    )
     assert_refused(code, output, pod, "cannot get model 'no-such-version' from the registry")
     assert "no version or alias 'no-such-version'" in pod.termination_message
 
@@ -185,7 +237,14 @@ def test_a_registry_that_is_down_is_reported(python, pod):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.monotonic()
-    code, output = run(python, pod, MODEL_SOURCE="registry", CASSANDRA_HOSTS="127.0.0.1", CASSANDRA_PORT=str(port), CASSANDRA_CONNECT_TIMEOUT="2")
+    code, output = run(
+        python,
+        pod,
+        MODEL_SOURCE="registry",
+        CASSANDRA_HOSTS="127.0.0.1",
+        CASSANDRA_PORT=str(port),
+        CASSANDRA_CONNECT_TIMEOUT="2",
+    )
     assert_refused(code, output, pod, "cannot reach the model registry")
     assert f"127.0.0.1:{port}" in pod.termination_message
     assert time.monotonic() - started < 30
@@ -198,9 +257,17 @@ def test_an_archive_altered_in_the_registry_is_refused(python, pod, archive, cas
     registry = Registry(cassandra)
     version = f"ep-bad-{secrets.token_hex(3)}"
     published = registry.publish(archive, read_metrics(metrics_file), version)
-    cassandra.execute("UPDATE archive_chunks SET data = %s WHERE version = %s AND upload = %s AND chunk = 0",
-                      (b"not the archive", version, published.upload))
-    code, output = run(python, pod, MODEL_SOURCE="registry", MODEL_VERSION=version, CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"])
+    cassandra.execute(
+        "UPDATE archive_chunks SET data = %s WHERE version = %s AND upload = %s AND chunk = 0",
+        (b"not the archive", version, published.upload),
+    )
+    code, output = run(
+        python,
+        pod,
+        MODEL_SOURCE="registry",
+        MODEL_VERSION=version,
+        CASSANDRA_KEYSPACE=cassandra_env["CASSANDRA_KEYSPACE"],
+    )
     assert_refused(code, output, pod, "does not match its sha256")
     assert not (pod.path("store") / "mnist.mar").exists()
 
@@ -213,10 +280,16 @@ def flip_byte_inside(archive: Path, member: str) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncated", "is damaged"), ("flipped byte", "is damaged"), ("not a zip", "is damaged"),
-    ("no manifest", "has no MAR-INF/MANIFEST.json"), ("no model file", "lacks model.pt, the model file its manifest names"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated", "is damaged"),
+        ("flipped byte", "is damaged"),
+        ("not a zip", "is damaged"),
+        ("no manifest", "has no MAR-INF/MANIFEST.json"),
+        ("no model file", "lacks model.pt, the model file its manifest names"),
+    ],
+)
 def test_a_damaged_archive_in_the_image_is_refused(python, pod, archive, tmp_path, damage, message):
     damaged = tmp_path / "mnist.mar"
     if damage == "truncated":
@@ -239,13 +312,19 @@ def test_an_image_without_a_model_says_how_to_build_one(python, pod, tmp_path):
     assert_refused(code, output, pod, "this image was built without a model")
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"MODEL_SOURCE": "s3"}, "MODEL_SOURCE='s3' is not one of registry, image"),
-    ({"MODEL_VERSION": "../../etc/passwd"}, "is not a version or alias name"),
-    ({"NUMBER_OF_GPU": "-1"}, "NUMBER_OF_GPU='-1' is not a whole number >= 0"),
-    ({"READY_TIMEOUT": "soon"}, "READY_TIMEOUT='soon' is not a number"),
-    ({"TORCHSERVE_CONFIG": "/nonexistent/config.properties"}, "TORCHSERVE_CONFIG=/nonexistent/config.properties: cannot read it"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"MODEL_SOURCE": "s3"}, "MODEL_SOURCE='s3' is not one of registry, image"),
+        ({"MODEL_VERSION": "../../etc/passwd"}, "is not a version or alias name"),
+        ({"NUMBER_OF_GPU": "-1"}, "NUMBER_OF_GPU='-1' is not a whole number >= 0"),
+        ({"READY_TIMEOUT": "soon"}, "READY_TIMEOUT='soon' is not a number"),
+        (
+            {"TORCHSERVE_CONFIG": "/nonexistent/config.properties"},
+            "TORCHSERVE_CONFIG=/nonexistent/config.properties: cannot read it",
+        ),
+    ],
+)
 def test_bad_settings_are_refused(python, pod, archive, setting, message):
     code, output = run(python, pod, **{"MODEL_SOURCE": "image", "MODEL_ARCHIVE": str(archive), **setting})
     assert_refused(code, output, pod, message)
@@ -253,7 +332,11 @@ def test_bad_settings_are_refused(python, pod, archive, setting, message):
 
 def test_a_management_api_off_loopback_is_refused(python, pod, archive, tmp_path):
     config = tmp_path / "open.properties"
-    config.write_text(Path(pod.environment["TORCHSERVE_CONFIG"]).read_text().replace("management_address=http://127.0.0.1:", "management_address=http://0.0.0.0:"))
+    config.write_text(
+        Path(pod.environment["TORCHSERVE_CONFIG"])
+        .read_text()
+        .replace("management_address=http://127.0.0.1:", "management_address=http://0.0.0.0:")
+    )
     code, output = run(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(archive), TORCHSERVE_CONFIG=str(config))
     assert_refused(code, output, pod, "must listen on 127.0.0.1 only")
 
@@ -273,7 +356,9 @@ def test_a_model_that_never_loads_is_given_up_after_three_failed_workers(python,
     code = running.finish(200)
     assert code == 1, running.output[-3000:]
     assert time.monotonic() - started < int(pod.environment["READY_TIMEOUT"])  # given up, not timed out
-    assert re.match(r"the model does not load: [3-9] workers failed to load mnist\.mar: \S", pod.termination_message), pod.termination_message
+    assert re.match(r"the model does not load: [3-9] workers failed to load mnist\.mar: \S", pod.termination_message), (
+        pod.termination_message
+    )
     assert running.seen.ran("org.pytorch.serve.ModelServer") and running.seen.ran("model_service_worker")
     _, alive = psutil.wait_procs(running.processes(), timeout=10)
     assert not alive, [running.seen.command(process) for process in alive]
@@ -284,8 +369,14 @@ def test_a_stop_signal_while_fetching_the_model_ends_at_once(python, pod):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        running = Running(python, pod, MODEL_SOURCE="registry", CASSANDRA_HOSTS="127.0.0.1",
-                          CASSANDRA_PORT=str(silent.getsockname()[1]), CASSANDRA_CONNECT_TIMEOUT="120")
+        running = Running(
+            python,
+            pod,
+            MODEL_SOURCE="registry",
+            CASSANDRA_HOSTS="127.0.0.1",
+            CASSANDRA_PORT=str(silent.getsockname()[1]),
+            CASSANDRA_CONNECT_TIMEOUT="120",
+        )
         running.wait_for("getting model production from the registry", FAIL_S)
         time.sleep(1)
         started = time.monotonic()

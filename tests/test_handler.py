@@ -1,4 +1,5 @@
 """The TorchServe handler driven as TorchServe drives it, with a real Context and no server."""
+
 from __future__ import annotations
 
 import base64
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from bodies import drawn_seven, encoded, zip_archive
 from ts.context import Context, RequestProcessor
 
-from bodies import drawn_seven, encoded, zip_archive
 from handler import inputs
 from handler.mnist_handler import MnistHandler, answer, limits_from, request_body, select_device
 
@@ -20,6 +21,7 @@ HANDLER_DIR = Path(__file__).resolve().parents[1] / "handler"
 
 
 # --- test models: the handler must not care which weights it gets --------------------------------
+
 
 class TinyNet(torch.nn.Module):
     """A small untrained CNN with MNIST's contract: N x 1 x 28 x 28, uint8 or 0..1 -> N x 10 logits."""
@@ -83,8 +85,14 @@ def context_for(directory: Path, yaml_config: dict | None = None) -> Context:
     if yaml_config is None:
         yaml_config = yaml.safe_load((HANDLER_DIR / "model-config.yaml").read_text())
     return Context(
-        "mnist", str(directory), manifest, batch_size=32, gpu=None, mms_version="0.12.0",
-        metrics=RecordingMetrics(), model_yaml_config=yaml_config,
+        "mnist",
+        str(directory),
+        manifest,
+        batch_size=32,
+        gpu=None,
+        mms_version="0.12.0",
+        metrics=RecordingMetrics(),
+        model_yaml_config=yaml_config,
     )
 
 
@@ -118,6 +126,7 @@ def reader(tmp_path):
 
 
 # --- loading ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "properties, cuda_available, device",
@@ -168,6 +177,7 @@ def test_class_names_come_from_index_to_name(tmp_path):
 
 # --- answers ------------------------------------------------------------------------------------
 
+
 def test_a_png_gets_the_digit_its_confidence_and_all_ten_probabilities(tiny):
     handler, context = tiny
     [(status, result)] = served(handler, context, [{"body": bytearray(encoded(drawn_seven()))}])
@@ -190,13 +200,19 @@ def test_answers_and_headers_name_the_model_the_server_was_started_with(tmp_path
     monkeypatch.setenv("SERVED_MODEL_SHA256", "0560663d9a3b" + "0" * 52)
     handler, context = loaded(tmp_path, ColumnReader)
     [(status, single), (_, several), (refused, error)] = served(
-        handler, context, [{"body": marked(4)}, {"body": {"instances": [marked(1), marked(2)]}}, {"body": b"seven"}])
+        handler, context, [{"body": marked(4)}, {"body": {"instances": [marked(1), marked(2)]}}, {"body": b"seven"}]
+    )
     served_model = {"version": "7", "sha256": "0560663d9a3b"}
     assert single["model"] == served_model and several["model"] == served_model and "model" not in error
     for index in range(3):
-        assert context.get_response_headers(index).items() >= {"X-Model-Version": "7", "X-Model-Sha256": "0560663d9a3b"}.items()
+        assert (
+            context.get_response_headers(index).items()
+            >= {"X-Model-Version": "7", "X-Model-Sha256": "0560663d9a3b"}.items()
+        )
     # Once per worker start, for Prometheus: the version and checksum as labels of a gauge.
-    assert context.metrics.metrics == [("ModelServed", 1, {"ModelVersion": "7", "ModelSha256": "0560663d9a3b"}, "GAUGE")]
+    assert context.metrics.metrics == [
+        ("ModelServed", 1, {"ModelVersion": "7", "ModelSha256": "0560663d9a3b"}, "GAUGE")
+    ]
 
 
 def test_without_those_settings_the_archives_own_version_is_named():
@@ -260,6 +276,7 @@ def test_base64_images_are_answered(tiny):
 
 
 # --- failures -----------------------------------------------------------------------------------
+
 
 def test_a_bad_request_fails_alone_and_the_batch_is_answered(reader):
     handler, context = reader
@@ -325,6 +342,7 @@ def test_limits_from_model_config_apply(tmp_path):
 
 # --- pieces on their own ------------------------------------------------------------------------
 
+
 def test_the_hooks_work_alone(reader):
     handler, context = reader
     batch = handler.preprocess([{"body": marked(2)}, {"body": b""}, {"body": {"instances": [marked(9)] * 2}}])
@@ -353,6 +371,7 @@ def test_request_body_prefers_data_then_body():
 
 
 # --- the configuration files --------------------------------------------------------------------
+
 
 def read_properties(path: Path) -> dict[str, str]:
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))

@@ -1,4 +1,5 @@
 """How request bodies become MNIST-style 28x28 images, and how bad ones are refused."""
+
 from __future__ import annotations
 
 import base64
@@ -7,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from bodies import drawn_seven, encoded, png_claiming, zip_archive
 from PIL import Image
 
-from bodies import drawn_seven, encoded, png_claiming, zip_archive
 from handler import inputs
 from handler.inputs import BadInput, Limits, TooLarge, UnsupportedContent, decode_request
 
@@ -18,6 +19,7 @@ DEFAULT_LIMITS = Limits()
 
 
 # --- making test digits -------------------------------------------------------------------------
+
 
 def mnist_style_one() -> np.ndarray:
     """A 28x28 uint8 "1" made the MNIST way by hand: 20 px tall, mass centred on (14, 14)."""
@@ -65,6 +67,7 @@ def seven() -> np.ndarray:
 
 
 # --- images -------------------------------------------------------------------------------------
+
 
 def test_a_canvas_drawing_is_fitted_into_20x20_and_centred_by_mass(seven):
     assert seven.dtype == np.float32 and seven.shape == (28, 28)
@@ -150,6 +153,7 @@ def test_real_mnist_digits_come_back_nearly_unchanged(mnist):
 
 # --- JSON ---------------------------------------------------------------------------------------
 
+
 def test_base64_json_reads_like_the_raw_image(seven):
     text = base64.b64encode(encoded(drawn_seven())).decode()
     assert np.array_equal(one_image(json.dumps({"data": text}).encode()), seven)
@@ -181,9 +185,7 @@ def test_an_all_zero_or_one_array_is_read_as_0_to_1():
 def test_instances_decode_in_order_and_ask_for_predictions(seven):
     text = base64.b64encode(encoded(drawn_seven())).decode()
     digit = mnist_style_one()
-    decoded = decode_request(
-        {"instances": [digit.tolist(), {"b64": text}, {"data": digit.reshape(-1).tolist()}, text]}
-    )
+    decoded = decode_request({"instances": [digit.tolist(), {"b64": text}, {"data": digit.reshape(-1).tolist()}, text]})
     assert decoded.instances is True
     assert decoded.images.shape == (4, 28, 28)
     assert np.array_equal(decoded.images[0], digit / np.float32(255))
@@ -201,6 +203,7 @@ def test_a_batch_decodes_each_request_on_its_own(seven):
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
 
 def refused(body, limits: Limits = DEFAULT_LIMITS, content_type: str = "") -> BadInput:
     started = time.perf_counter()
@@ -313,4 +316,3 @@ def test_a_body_over_the_size_limit_is_refused():
     error = refused(encoded(drawn_seven()), Limits(max_body_bytes=100))
     assert isinstance(error, TooLarge) and "the limit is 100" in str(error)
     assert isinstance(refused(b"\x89PNG" + bytes(Limits().max_body_bytes)), TooLarge)
-

@@ -1,6 +1,7 @@
 """The container image without a Docker engine: its install script run for real on this machine, its pins
 resolved against the package index, and the Dockerfile checked against the files and settings it relies on.
 tests/test_container.py builds it with a real engine and runs it."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from image_env import ROOT, image_venv, install_environment
 
 pytestmark = pytest.mark.slow
@@ -21,6 +21,7 @@ INSTALL = ROOT / "docker" / "install.sh"
 
 # --- docker/install.sh ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def venv() -> Path:
     return image_venv()
@@ -29,26 +30,46 @@ def venv() -> Path:
 def test_the_install_script_makes_the_images_python_environment(venv):
     python = venv / "bin" / "python"
     versions = subprocess.run(
-        [str(python), "-I", "-c", "import json, torch, ts, cassandra, numpy, PIL; "
-         "print(json.dumps([torch.__version__, ts.__version__, cassandra.__version__, numpy.__version__, PIL.__version__]))"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(python),
+            "-I",
+            "-c",
+            "import json, torch, ts, cassandra, numpy, PIL; "
+            "print(json.dumps([torch.__version__, ts.__version__, cassandra.__version__, numpy.__version__, "
+            "PIL.__version__]))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert versions.returncode == 0, versions.stderr
     torch_version, torchserve, driver, numpy_version, pillow = json.loads(versions.stdout)
-    pins = dict(line.strip().split("==") for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.strip().split("==")
+        for line in (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert torch_version.split("+")[0] == "2.14.1" and torchserve == pins["torchserve"] == "0.12.0"
     assert (driver, numpy_version, pillow) == (pins["cassandra-driver"], pins["numpy"], pins["pillow"])
     # --without-pip: the image has no installer.
     assert not list((venv / "lib").glob("python3*/site-packages/pip"))
     # torch's CUDA build (the one this machine gets) without triton, which torch.compile alone would load.
     assert not list((venv / "lib").glob("python3*/site-packages/triton"))
-    assert "pip check: no broken requirements (torch's triton is left out on purpose)" in (venv / ".install.log").read_text()
+    assert (
+        "pip check: no broken requirements (torch's triton is left out on purpose)"
+        in (venv / ".install.log").read_text()
+    )
 
 
 def test_the_pins_of_every_variant_resolve_against_the_index(tmp_path):
     """The GPU image and the training image install what the CPU test environment does not."""
-    done = subprocess.run([str(INSTALL), "python", "gpu", str(tmp_path / "venv"), "--dry-run", "--with-training"],
-                          env=install_environment(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(INSTALL), "python", "gpu", str(tmp_path / "venv"), "--dry-run", "--with-training"],
+        env=install_environment(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "dry run: the gpu pins resolve" in done.stderr
     assert not (tmp_path / "venv").exists()
@@ -61,8 +82,13 @@ def test_an_unpinned_package_is_refused(tmp_path):
     for name in ("install.sh", "requirements-cuda.txt", "requirements-train.txt"):
         shutil.copy2(ROOT / "docker" / name, docker / name)
     (docker / "requirements.txt").write_text((ROOT / "docker" / "requirements.txt").read_text() + "six\n")
-    done = subprocess.run([str(docker / "install.sh"), "python", "cpu", str(tmp_path / "venv")],
-                          env=install_environment(), capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [str(docker / "install.sh"), "python", "cpu", str(tmp_path / "venv")],
+        env=install_environment(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode != 0
     assert "resolved but not pinned in docker/requirements*.txt: six" in done.stderr
     assert not list((tmp_path / "venv").glob("lib/python3*/site-packages/torch"))  # refused before installing
@@ -71,16 +97,29 @@ def test_an_unpinned_package_is_refused(tmp_path):
 def test_the_training_additions_install_beside_the_image_venv(venv, tmp_path):
     """What the training image's builder runs: matplotlib and the archiver in a folder of their own, which
     the image venv's Python imports from its path (the training image's PYTHONPATH)."""
-    done = subprocess.run([str(INSTALL), "training", str(venv), str(tmp_path / "training")],
-                          env=install_environment(), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(INSTALL), "training", str(venv), str(tmp_path / "training")],
+        env=install_environment(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "install.sh: training additions: matplotlib 3.11.2" in done.stdout
     assert (tmp_path / "training" / "model_archiver").is_dir() and (tmp_path / "training" / "matplotlib").is_dir()
-    assert not (tmp_path / "training" / "torch").exists() and not (tmp_path / "training" / "numpy").exists()  # the venv's
+    assert (
+        not (tmp_path / "training" / "torch").exists() and not (tmp_path / "training" / "numpy").exists()
+    )  # the venv's
 
 
 def test_usage_errors_exit_2(tmp_path):
-    for args in ([], ["python", "arm", str(tmp_path)], ["python", "cpu"], ["system", "--now"], ["training", str(tmp_path)]):
+    for args in (
+        [],
+        ["python", "arm", str(tmp_path)],
+        ["python", "cpu"],
+        ["system", "--now"],
+        ["training", str(tmp_path)],
+    ):
         done = subprocess.run([str(INSTALL), *args], capture_output=True, text=True)
         assert done.returncode == 2 and "docker/install.sh python cpu|gpu PREFIX" in done.stderr, args
 
@@ -88,10 +127,15 @@ def test_usage_errors_exit_2(tmp_path):
 def test_the_system_step_resolves_the_java_runtime_on_debian_12():
     """The image's base is Debian 12 (bookworm), like this machine: the pinned JRE must be installable."""
     release = Path("/etc/os-release").read_text()
-    if 'VERSION_CODENAME=bookworm' not in release or not shutil.which("apt-get"):
+    if "VERSION_CODENAME=bookworm" not in release or not shutil.which("apt-get"):
         pytest.skip("needs Debian 12's apt (the image's base); the Docker build runs this step where Docker runs")
-    if "Candidate: (none)" in subprocess.run(["apt-cache", "policy", "openjdk-17-jre-headless"], capture_output=True, text=True).stdout:
-        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)  # a fresh machine has no package lists yet
+    if (
+        "Candidate: (none)"
+        in subprocess.run(["apt-cache", "policy", "openjdk-17-jre-headless"], capture_output=True, text=True).stdout
+    ):
+        subprocess.run(
+            ["apt-get", "update"], capture_output=True, timeout=600
+        )  # a fresh machine has no package lists yet
     done = subprocess.run([str(INSTALL), "system", "--dry-run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "openjdk-17-jre-headless=17.0.* resolves" in done.stderr
@@ -99,11 +143,14 @@ def test_the_system_step_resolves_the_java_runtime_on_debian_12():
 
 # --- the Dockerfile ------------------------------------------------------------------------------------
 
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped, as docker reads them."""
     lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", joined, re.MULTILINE)]
+    return [
+        (m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", joined, re.MULTILINE)
+    ]
 
 
 def stages() -> dict[str, list[tuple[str, str]]]:
@@ -160,7 +207,10 @@ def test_the_server_stage_is_locked_down():
     runs = [a for name in ("runtime", "runtime-venv", "serve", "train") for i, a in stages()[name] if i == "RUN"]
     assert runs == ["/opt/mnist-serve/docker/install.sh system"]  # the install steps are the tested script
     # Server and training job stand on one stage with the venv, so its 6 GB layer is stored once.
-    assert stages()["serve"][0] == ("FROM", "runtime-venv AS serve") and stages()["train"][0] == ("FROM", "runtime-venv AS train")
+    assert stages()["serve"][0] == ("FROM", "runtime-venv AS serve") and stages()["train"][0] == (
+        "FROM",
+        "runtime-venv AS train",
+    )
     # No installer or compiler reaches the final stages: pip is removed from the venv (--without-pip) and
     # from the base Python (install.sh system); only the builder stages run pip.
     for name in ("runtime", "runtime-venv", "serve", "train", "with-model"):
@@ -173,9 +223,17 @@ def test_the_server_stage_is_locked_down():
 
 def test_the_serving_image_copies_no_training_code():
     """The server needs the registry client, not the training loop, its data loaders and plots."""
-    copied = lambda name: [a.split()[0] for i, a in stages()[name] if i == "COPY" and not a.startswith("--from")]
-    assert [source for name in ("runtime", "runtime-venv", "serve") for source in copied(name)] == \
-        ["docker/install.sh", "handler/", "registry/", "docker/entrypoint.py", "docker/startup/"]
+
+    def copied(name):
+        return [a.split()[0] for i, a in stages()[name] if i == "COPY" and not a.startswith("--from")]
+
+    assert [source for name in ("runtime", "runtime-venv", "serve") for source in copied(name)] == [
+        "docker/install.sh",
+        "handler/",
+        "registry/",
+        "docker/entrypoint.py",
+        "docker/startup/",
+    ]
     assert "training/" in copied("train")
 
 
@@ -184,12 +242,18 @@ def test_the_serving_image_holds_no_benchmark_code():
     the build context leaves bench/ out, and no file the image takes from handler/ is a wrk script or imports bench or
     KServe."""
     assert not dockerignore_allows("bench/serve.py") and not dockerignore_allows("bench/wrk_post.lua")
-    shipped = [path for path in (ROOT / "handler").rglob("*")
-               if path.is_file() and dockerignore_allows(path.relative_to(ROOT).as_posix())]
+    shipped = [
+        path
+        for path in (ROOT / "handler").rglob("*")
+        if path.is_file() and dockerignore_allows(path.relative_to(ROOT).as_posix())
+    ]
     assert any(path.name == "mnist_handler.py" for path in shipped)
     load_test_import = re.compile(r"^\s*(from|import)\s+(bench|kserve)\b", re.MULTILINE)
-    assert [path.name for path in shipped
-            if path.suffix == ".lua" or load_test_import.search(path.read_text(errors="replace"))] == []
+    assert [
+        path.name
+        for path in shipped
+        if path.suffix == ".lua" or load_test_import.search(path.read_text(errors="replace"))
+    ] == []
 
 
 def test_base_images_are_pinned_to_exact_versions():
@@ -202,7 +266,15 @@ def test_base_images_are_pinned_to_exact_versions():
 
 # --- building -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [["docker/build.sh", "cpu"], ["make", "--no-print-directory", "image"], ["make", "--no-print-directory", "image-gpu"]])
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["docker/build.sh", "cpu"],
+        ["make", "--no-print-directory", "image"],
+        ["make", "--no-print-directory", "image-gpu"],
+    ],
+)
 def test_without_docker_the_build_says_so_plainly(command, tmp_path):
     """The branch is arranged, whatever this machine has: the client is pointed at an engine that is not there."""
     nowhere = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}

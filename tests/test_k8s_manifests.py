@@ -1,5 +1,6 @@
 """k8s/: the training Job is a valid Kubernetes 1.36 object calling the project's real command lines, and the
 chart's GPU pods fit exactly the GPU nodes of the EKS cluster config and of the simulated cluster (k8s/kwok)."""
+
 from __future__ import annotations
 
 import shlex
@@ -10,7 +11,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from helm_chart import CASES, KUBE_VERSION, render, server_pod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,10 @@ def test_the_training_job_is_valid(job):
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True
+        and container["securityContext"]["readOnlyRootFilesystem"] is True
+    )
     assert pod["automountServiceAccountToken"] is False
 
 
@@ -42,11 +45,19 @@ def test_the_training_job_calls_the_real_command_lines(job):
     from training import cli
 
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    commands = [shlex.split(line.replace("$TRAIN_FLAGS", "")) for line in script.splitlines() if line.startswith("python")]
-    assert [c[:3] for c in commands] == [["python", "-m", "training"], ["python", "-m", "handler.archive"], ["python", "-m", "registry.cli"]]
+    commands = [
+        shlex.split(line.replace("$TRAIN_FLAGS", "")) for line in script.splitlines() if line.startswith("python")
+    ]
+    assert [c[:3] for c in commands] == [
+        ["python", "-m", "training"],
+        ["python", "-m", "handler.archive"],
+        ["python", "-m", "registry.cli"],
+    ]
     train = cli.parser().parse_args(commands[0][3:])
     assert (train.command, train.source, train.device, str(train.out)) == ("train", "cassandra", "cuda", "/work/out")
-    archive_help = subprocess.run([sys.executable, "-m", "handler.archive", "--help"], cwd=ROOT, capture_output=True, text=True)
+    archive_help = subprocess.run(
+        [sys.executable, "-m", "handler.archive", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert all(flag in archive_help.stdout for flag in commands[1][3::2])
     publish = registry_cli.parser().parse_args(commands[2][3:])
     assert publish.command == "publish" and str(publish.archive) == f"{commands[1][-1]}/mnist.mar"
@@ -60,7 +71,9 @@ def test_the_training_job_uses_the_charts_secrets_and_settings(job):
     assert secrets == {values["astra"]["bundleSecret"]["name"], values["astra"]["tokenSecret"]["name"]}
     env = {item["name"]: item["value"] for item in pod["containers"][0]["env"]}
     assert env["CASSANDRA_KEYSPACE"] == values["cassandra"]["keyspace"]
-    assert "ASTRA_DB_TOKEN" not in env and env["ASTRA_DB_TOKEN_FILE"].endswith("/" + values["astra"]["tokenSecret"]["key"])
+    assert "ASTRA_DB_TOKEN" not in env and env["ASTRA_DB_TOKEN_FILE"].endswith(
+        "/" + values["astra"]["tokenSecret"]["key"]
+    )
 
 
 def gpu_node_group() -> dict:
@@ -82,17 +95,23 @@ def fits(pod: dict, labels: dict, taints: list[dict]) -> bool:
 
     def tolerated(taint: dict) -> bool:
         return any(
-            t.get("key") in (None, taint["key"]) and t.get("effect") in (None, taint["effect"])
+            t.get("key") in (None, taint["key"])
+            and t.get("effect") in (None, taint["effect"])
             and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
             for t in pod.get("tolerations", [])
         )
+
     return all(tolerated(taint) for taint in taints if taint["effect"] in ("NoSchedule", "NoExecute"))
 
 
 def test_gpu_pods_fit_only_the_gpu_node_group(helm):  # noqa: F811
     group = gpu_node_group()
     # EKS labels every node of a managed node group with its name.
-    labels = {**group["labels"], "eks.amazonaws.com/nodegroup": group["name"], "node.kubernetes.io/instance-type": group["instanceType"]}
+    labels = {
+        **group["labels"],
+        "eks.amazonaws.com/nodegroup": group["name"],
+        "node.kubernetes.io/instance-type": group["instanceType"],
+    }
     gpu_pod = server_pod(render(helm, *CASES["eks-gpu"]))["spec"]
     cpu_pod = server_pod(render(helm))["spec"]
     assert fits(gpu_pod, labels, group["taints"])

@@ -5,6 +5,7 @@ zero-downtime upgrades and a killed container under load, bad values and an unre
 the JSON summary the script writes (its phases and their figures), not from what it prints for people. Plus the
 pieces that can be checked alone: the docker wrapper kind uses where nodes cannot run privileged, the one-line
 refusal and the summary of a run that stops, and the preloaded node image."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reference_model import reference_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,12 @@ UNPRIVILEGED = ROOT / "k8s" / "kind" / "unprivileged"
 
 def no_engine(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """The smoke test where no Docker engine answers: it stops in its first phase."""
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "KIND_SMOKE_OUT": str(tmp_path / "out"),
-           **env}
+    env = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
+        "KIND_SMOKE_OUT": str(tmp_path / "out"),
+        **env,
+    }
     return subprocess.run([str(ROOT / "k8s" / "kind-smoke.sh")], capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -33,7 +37,8 @@ def test_a_docker_engine_that_does_not_answer_is_one_line_within_seconds(tmp_pat
     done = no_engine(tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"error: no Docker engine answers at DOCKER_HOST=unix://{tmp_path}/no-engine.sock ('docker info' fails)"]
+        f"error: no Docker engine answers at DOCKER_HOST=unix://{tmp_path}/no-engine.sock ('docker info' fails)"
+    ]
 
 
 def test_a_run_that_stops_names_its_failed_phase_in_the_summary_in_the_output_folder(tmp_path):
@@ -59,7 +64,7 @@ def wrapped(tmp_path: Path, *arguments: str) -> list[str]:
     """What the wrapper hands the docker after it on PATH (here one that prints its arguments as JSON)."""
     real = tmp_path / "bin" / "docker"
     real.parent.mkdir()
-    real.write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    real.write_text("#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     real.chmod(0o755)
     env = {**os.environ, "PATH": f"{UNPRIVILEGED}:{real.parent}:{os.environ['PATH']}"}
     done = subprocess.run(["docker", *arguments], capture_output=True, text=True, env=env, timeout=30, check=True)
@@ -70,8 +75,12 @@ def test_the_wrapper_turns_a_privileged_run_into_explicit_capabilities(tmp_path)
     got = wrapped(tmp_path, "run", "--name", "node", "--privileged", "--volume", "/var", "kindest/node:v1")
     assert "--privileged" not in got
     assert got[:3] == ["run", "--name", "node"] and got[-3:] == ["--volume", "/var", "kindest/node:v1"]
-    assert {"--cap-add=ALL", "--cap-drop=SYS_RESOURCE", "--security-opt=systempaths=unconfined",
-            "--device=/dev/kmsg"} <= set(got)
+    assert {
+        "--cap-add=ALL",
+        "--cap-drop=SYS_RESOURCE",
+        "--security-opt=systempaths=unconfined",
+        "--device=/dev/kmsg",
+    } <= set(got)
 
 
 def test_the_wrapper_drops_privileged_from_exec_and_passes_the_rest_unchanged(tmp_path):
@@ -98,9 +107,19 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(rootfs / "dev" / "shm")], check=True)
     try:
         assert mounted_below(tmp_path) == [str(rootfs / "proc"), str(rootfs / "dev" / "shm")]
-        done = subprocess.run(["bash", "-c", 'source "$1" && unmount_below "$2"', "bash",
-                               str(ROOT / "k8s" / "kind" / "node-image.sh"), str(tmp_path / "kind-node")],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [
+                "bash",
+                "-c",
+                'source "$1" && unmount_below "$2"',
+                "bash",
+                str(ROOT / "k8s" / "kind" / "node-image.sh"),
+                str(tmp_path / "kind-node"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert done.returncode == 0, done.stderr
         assert mounted_below(tmp_path) == []
     finally:
@@ -112,25 +131,33 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
 def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replaces_the_last_build(tmp_path):
     """k8s/kind/preload.sh on the smoke test's node image with a one-file image in place of the serving one."""
     subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], check=True)
-    node = subprocess.run([str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True,
-                          check=True).stdout.split()[-1]
+    node = subprocess.run(
+        [str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
     serving = "mnist-serve-preload-test:1"
 
     def build_serving(content: str) -> None:
         (tmp_path / "file").write_text(content)
-        done = subprocess.run(f"tar -C {tmp_path} -c file | docker import - {serving}", shell=True, check=True,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            f"tar -C {tmp_path} -c file | docker import - {serving}",
+            shell=True,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         built.append(done.stdout.strip())
 
     def preload() -> tuple[str, str]:
-        done = subprocess.run([str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            [str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.split()[-1], done.stderr
 
     def inspect(image: str, field: str) -> str:
-        return subprocess.run(["docker", "image", "inspect", "--format", f"{{{{json {field}}}}}", image],
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["docker", "image", "inspect", "--format", f"{{{{json {field}}}}}", image], capture_output=True, text=True
+        ).stdout.strip()
 
     container = f"mnist-serve-preload-test-{os.getpid()}"
     built = []
@@ -141,12 +168,18 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
         assert re.search(r"^preload: built \S+ in \d+ s$", said, re.MULTILINE), said
         assert inspect(first, ".Config.Entrypoint") == inspect(node, ".Config.Entrypoint") != "null"
         # What the cluster's node will find in its containerd: this image beside the control plane's.
-        subprocess.run(["docker", "run", "--detach", "--name", container, "--tmpfs", "/run", "--entrypoint",
-                        "containerd", first], check=True, capture_output=True)
+        subprocess.run(
+            ["docker", "run", "--detach", "--name", container, "--tmpfs", "/run", "--entrypoint", "containerd", first],
+            check=True,
+            capture_output=True,
+        )
         held = ""
         for _ in range(60):
-            done = subprocess.run(["docker", "exec", container, "ctr", "--namespace", "k8s.io", "images", "ls",
-                                   "--quiet"], capture_output=True, text=True)
+            done = subprocess.run(
+                ["docker", "exec", container, "ctr", "--namespace", "k8s.io", "images", "ls", "--quiet"],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode == 0:
                 held = done.stdout
                 break
@@ -173,15 +206,21 @@ def test_kind_smoke_test_passes(archive, tmp_path):
     """The whole smoke test on the tests' archive (the reference model), judged by its JSON summary; what it
     printed is shown with -s."""
     summary_file = tmp_path / "summary.json"
-    env = {**os.environ, "MODEL_ARCHIVE": str(archive), "MODEL_METRICS": str(reference_model_dir() / "metrics.json"),
-           "KIND_SMOKE_OUT": str(tmp_path), "KIND_SMOKE_SUMMARY": str(summary_file)}
+    env = {
+        **os.environ,
+        "MODEL_ARCHIVE": str(archive),
+        "MODEL_METRICS": str(reference_model_dir() / "metrics.json"),
+        "KIND_SMOKE_OUT": str(tmp_path),
+        "KIND_SMOKE_SUMMARY": str(summary_file),
+    }
     done = subprocess.run([str(ROOT / "k8s" / "kind-smoke.sh")], capture_output=True, text=True, timeout=3600, env=env)
     print(done.stdout[-8000:])
     assert summary_file.is_file(), f"no summary (exit {done.returncode}): " + done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
     outcomes = {phase["name"]: phase["outcome"] for phase in summary["phases"]}
     assert (done.returncode, summary["outcome"]) == (0, "passed"), (
-        f"failed in {summary['failed_phase']}: {summary['error']}\n" + done.stdout[-4000:] + done.stderr[-4000:])
+        f"failed in {summary['failed_phase']}: {summary['error']}\n" + done.stdout[-4000:] + done.stderr[-4000:]
+    )
     assert set(outcomes.values()) == {"passed"}, outcomes
     figures = {phase["name"]: phase["figures"] for phase in summary["phases"]}
 
@@ -189,8 +228,9 @@ def test_kind_smoke_test_passes(archive, tmp_path):
     # Every form of 20 test digits answered, at most one read wrong a form.
     digits = figures["digits"]["digits"]
     assert len(digits["forms"]) == 6 and digits["asked"] == 120
-    assert all(form["asked"] == form["answered"] == 20 and form["right"] >= 19 for form in digits["forms"].values()), \
+    assert all(form["asked"] == form["answered"] == 20 and form["right"] >= 19 for form in digits["forms"].values()), (
         digits
+    )
     malformed = figures["malformed_bodies"]["malformed_bodies"]
     assert malformed["refused_with_a_reason"] == malformed["malformed"] == 4 and malformed["digit_after"]
     assert all(400 <= status < 500 for status in malformed["statuses"].values()), malformed
@@ -215,8 +255,9 @@ def test_kind_smoke_test_passes(archive, tmp_path):
     assert lost(rollouts["load"]) == 0 and set(rollouts["load"]["versions"]) == {"1", "2"}, rollouts
     assert rollouts["pinned_version"] == 2
     failed = figures["failed_rollout"]
-    assert re.match(r"error: version 3 failed \(pod \S+ failed: the model does not load: .*\); rolled back: ",
-                    failed["refusal"]), failed
+    assert re.match(
+        r"error: version 3 failed \(pod \S+ failed: the model does not load: .*\); rolled back: ", failed["refusal"]
+    ), failed
     assert lost(failed["load"]) == 0 and set(failed["load"]["versions"]) == {"2"}, failed
     assert failed["pinned_version"] == failed["production_version"] == 2
     canary = figures["canary"]

@@ -1,5 +1,6 @@
 """requirements.lock: the project venv holds exactly its packages, it satisfies pyproject.toml, the image's
 pins agree with it, and scripts/lock.sh (make lock) makes a complete one."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -58,17 +59,26 @@ def test_the_venv_holds_exactly_the_locked_packages():
 def test_the_lock_satisfies_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     locked = pins(ROOT / "requirements.lock")
-    wanted = project["project"]["dependencies"] + project["project"]["optional-dependencies"]["dev"] + project["build-system"]["requires"]
+    wanted = (
+        project["project"]["dependencies"]
+        + project["project"]["optional-dependencies"]["dev"]
+        + project["build-system"]["requires"]
+    )
     for requirement in map(Requirement, wanted):
         name = canonical(requirement.name)
-        assert name in locked and requirement.specifier.contains(locked[name], prereleases=True), (str(requirement), locked.get(name))
+        assert name in locked and requirement.specifier.contains(locked[name], prereleases=True), (
+            str(requirement),
+            locked.get(name),
+        )
 
 
 def test_the_images_pins_are_the_locks_versions():
     """The image runs what the tests ran against; docker/install.sh refuses anything unpinned there."""
     locked = pins(ROOT / "requirements.lock")
     for path in sorted((ROOT / "docker").glob("requirements*.txt")):
-        differing = {name: (version, locked.get(name)) for name, version in pins(path).items() if locked.get(name) != version}
+        differing = {
+            name: (version, locked.get(name)) for name, version in pins(path).items() if locked.get(name) != version
+        }
         assert differing == {}, f"{path.name}: (image pin, lock)"
 
 
@@ -86,17 +96,39 @@ def test_make_lock_writes_a_complete_lock_and_moves_the_image_pins(tmp_path):
     assert "moved pins in docker/requirements.txt" in done.stdout
     written = pins(copy / "requirements.lock")
     # Every direct dependency at its pyproject pin, and the installer and build backend the venv needs.
-    for name, version in {"torch": "2.14.1", "torchserve": "0.12.0", "cassandra-driver": "3.30.1", "pytest": "9.2.0"}.items():
+    for name, version in {
+        "torch": "2.14.1",
+        "torchserve": "0.12.0",
+        "cassandra-driver": "3.30.1",
+        "pytest": "9.2.0",
+    }.items():
         assert written[name] == version
     assert {"pip", "setuptools", "numpy", "nvidia-cublas", "urllib3"} <= set(written)
     # Complete: resolving the project with the new lock as constraints needs no package outside it.
     check = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-         "--report", str(tmp_path / "report.json"), "--constraint", str(copy / "requirements.lock"), "-e", f"{copy}[dev]"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--ignore-installed",
+            "--report",
+            str(tmp_path / "report.json"),
+            "--constraint",
+            str(copy / "requirements.lock"),
+            "-e",
+            f"{copy}[dev]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert check.returncode == 0, check.stderr[-3000:]
-    resolved = {canonical(item["metadata"]["name"]) for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    resolved = {
+        canonical(item["metadata"]["name"]) for item in json.loads((tmp_path / "report.json").read_text())["install"]
+    }
     assert sorted(resolved - set(written) - {PROJECT}) == []
     assert pins(requirements)["cassandra-driver"] == "3.30.1"
     assert pins(copy / "scripts" / "kserve.lock")["kserve"] == "0.21.0"

@@ -1,4 +1,5 @@
 """The CNN: shapes, the normalisation it carries inside, its size, and the TorchScript export check."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Every download names its exact version: the Go tools' resolution is checked against scripts/versions.env,
 and no script asks go, Maven or apt for whatever is newest."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,7 +21,9 @@ def versions() -> dict[str, str]:
 def with_functions(command: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     """Run COMMAND with install-k8s-tools.sh's functions loaded (it only defines them when sourced)."""
     env = {**os.environ, "MNIST_SERVE_CACHE": str(cache)}
-    return subprocess.run(["bash", "-c", f'source "{INSTALL}"; {command}'], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", "-c", f'source "{INSTALL}"; {command}'], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_binary_built_from_another_version_is_refused_in_one_line(helm, tmp_path):
@@ -29,15 +32,21 @@ def test_a_binary_built_from_another_version_is_refused_in_one_line(helm, tmp_pa
     assert same.returncode == 0, same.stderr
     other = with_functions(f'check_module "{helm}" helm.sh/helm/v3 v3.20.0', tmp_path, tmp_path / "cache")
     assert other.returncode != 0
-    assert other.stderr.splitlines() == [f"error: helm.sh/helm/v3 resolved to {pinned}, pinned v3.20.0 (scripts/versions.env)"]
+    assert other.stderr.splitlines() == [
+        f"error: helm.sh/helm/v3 resolved to {pinned}, pinned v3.20.0 (scripts/versions.env)"
+    ]
 
 
 def test_a_wrapper_module_resolved_to_another_version_is_refused_in_one_line(tmp_path):
     """What a versionless `go get` did to k8s.io/kubernetes: the wrapper now names the version it resolved."""
     (tmp_path / "go.mod").write_text("module example.local/wrapper\n\ngo 1.24\n\nrequire k8s.io/kubernetes v1.37.2\n")
-    done = with_functions(f"check_resolved k8s.io/kubernetes {versions()['KUBE_VERSION']}", tmp_path, tmp_path / "cache")
+    done = with_functions(
+        f"check_resolved k8s.io/kubernetes {versions()['KUBE_VERSION']}", tmp_path, tmp_path / "cache"
+    )
     assert done.returncode != 0
-    assert done.stderr.splitlines() == [f"error: k8s.io/kubernetes resolved to v1.37.2, pinned {versions()['KUBE_VERSION']} (scripts/versions.env)"]
+    assert done.stderr.splitlines() == [
+        f"error: k8s.io/kubernetes resolved to v1.37.2, pinned {versions()['KUBE_VERSION']} (scripts/versions.env)"
+    ]
 
 
 def test_every_go_get_and_install_names_its_version():
@@ -46,10 +55,14 @@ def test_every_go_get_and_install_names_its_version():
             words = line.split()
             for i, (a, b) in enumerate(itertools.pairwise(words)):
                 if a in ("go", "go_nice") and b in ("get", "install"):
-                    arguments = words[i + 2:]
+                    arguments = words[i + 2 :]
                     unversioned = [w for w in arguments if re.match(r'"?[a-z0-9.-]+\.[a-z]+/', w) and "@" not in w]
                     # An array of packages must be the one built with "@$VERSION" appended.
-                    arrays = [w for w in arguments if w.startswith('"${') and "[@]}" in w and not w.startswith(('"${versioned', '"${BUILD_FLAGS'))]
+                    arrays = [
+                        w
+                        for w in arguments
+                        if w.startswith('"${') and "[@]}" in w and not w.startswith(('"${versioned', '"${BUILD_FLAGS'))
+                    ]
                     assert not unversioned and not arrays, f"{script.name}:{number}: {line.strip()}"
 
 
@@ -63,7 +76,9 @@ def test_maven_plugins_and_apt_packages_are_pinned():
             continue
         for line in text.splitlines():
             if "apt-get install" in line:  # only the image's own install script, inside the build, has apt-get
-                assert script.name == "install.sh" and re.search(r'"\$\w+_PACKAGE"', line), f"{script.name}: {line.strip()}"
+                assert script.name == "install.sh" and re.search(r'"\$\w+_PACKAGE"', line), (
+                    f"{script.name}: {line.strip()}"
+                )
         for line in text.splitlines():
             if "apt-install.sh" in line and not line.lstrip().startswith("#"):
                 calls += 1
@@ -79,6 +94,13 @@ def test_maven_plugins_and_apt_packages_are_pinned():
 
 
 def test_apt_install_refuses_a_package_without_its_version():
-    done = subprocess.run([str(ROOT / "scripts" / "apt-install.sh"), "no-such-command", "socat"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "apt-install.sh"), "no-such-command", "socat"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: socat names no version (usage: scripts/apt-install.sh COMMAND PACKAGE=VERSION)"]
+    assert done.stderr.splitlines() == [
+        "error: socat names no version (usage: scripts/apt-install.sh COMMAND PACKAGE=VERSION)"
+    ]

@@ -1,4 +1,5 @@
 """The model registry against the local node: round trips, damaged archives, a killed publish, aliases."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,14 @@ import pytest
 from conftest import ROOT, run_cli
 
 from bench.big_archive import big_archive
-
 from registry.store import (
-    AliasInUse, CorruptArchive, DuplicateVersion, MissingChunk, Registry, VersionNotFound, read_metrics,
+    AliasInUse,
+    CorruptArchive,
+    DuplicateVersion,
+    MissingChunk,
+    Registry,
+    VersionNotFound,
+    read_metrics,
 )
 
 pytestmark = pytest.mark.cassandra
@@ -51,7 +57,10 @@ def test_publish_list_show_download_round_trip_with_the_cli(cassandra_env, model
     script = os.path.join(os.path.dirname(sys.executable), "mnist-registry")  # the [project.scripts] entry point
     published = subprocess.run(
         [script, "publish", str(model_archive), "--metrics", str(metrics_file), "--version", "cli-1"],
-        env=cassandra_env, capture_output=True, text=True, timeout=120,
+        env=cassandra_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert published.returncode == 0, published.stderr
     sha = hashlib.sha256(model_archive.read_bytes()).hexdigest()
@@ -99,17 +108,23 @@ def test_a_duplicate_version_is_refused_and_the_original_kept(registry, cassandr
 
 
 @pytest.mark.parametrize("column", ["data", "data and its sha256"])
-def test_an_altered_chunk_is_refused_on_download(small_chunks, cassandra, cassandra_env, model_archive, metrics, tmp_path, column):
+def test_an_altered_chunk_is_refused_on_download(
+    small_chunks, cassandra, cassandra_env, model_archive, metrics, tmp_path, column
+):
     name = f"altered-{len(column)}"
     version = small_chunks.publish(model_archive, metrics, name)
     altered = bytes(SMALL_CHUNKS)
     if column == "data":
-        cassandra.execute("UPDATE archive_chunks SET data = %s WHERE version = %s AND upload = %s AND chunk = 3", (altered, name, version.upload))
+        cassandra.execute(
+            "UPDATE archive_chunks SET data = %s WHERE version = %s AND upload = %s AND chunk = 3",
+            (altered, name, version.upload),
+        )
         message = f"chunk 3 of {version.chunk_count} does not match its sha256"
     else:  # rewritten consistently: only the whole archive's sha256 can tell
         digest = hashlib.sha256(altered).hexdigest()
         cassandra.execute(
-            "UPDATE archive_chunks SET data = %s, sha256 = %s WHERE version = %s AND upload = %s AND chunk = 3", (altered, digest, name, version.upload)
+            "UPDATE archive_chunks SET data = %s, sha256 = %s WHERE version = %s AND upload = %s AND chunk = 3",
+            (altered, digest, name, version.upload),
         )
         message = f"the version records {version.size:,} bytes with {version.sha256[:12]}"
     with pytest.raises(CorruptArchive, match=message):
@@ -124,18 +139,35 @@ def test_an_altered_chunk_is_refused_on_download(small_chunks, cassandra, cassan
 
 def test_a_missing_chunk_is_refused_on_download(small_chunks, cassandra, model_archive, metrics, tmp_path):
     version = small_chunks.publish(model_archive, metrics, "missing-1")
-    cassandra.execute("DELETE FROM archive_chunks WHERE version = %s AND upload = %s AND chunk = 2", ("missing-1", version.upload))
+    cassandra.execute(
+        "DELETE FROM archive_chunks WHERE version = %s AND upload = %s AND chunk = 2", ("missing-1", version.upload)
+    )
     with pytest.raises(MissingChunk, match=f"version missing-1: chunk 2 of {version.chunk_count} is missing"):
         small_chunks.download("missing-1", tmp_path)
     assert os.listdir(tmp_path) == []
 
 
-def test_a_killed_publish_leaves_no_version(registry, cassandra, cassandra_env, model_archive, metrics, metrics_file, tmp_path):
+def test_a_killed_publish_leaves_no_version(
+    registry, cassandra, cassandra_env, model_archive, metrics, metrics_file, tmp_path
+):
     big = big_archive(tmp_path / "big.mar", BIG_MIB)
     total_chunks = -(-big.stat().st_size // (1 << 20))
     publish = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", "publish", str(big), "--metrics", str(metrics_file), "--version", "killed-1"],
-        cwd=ROOT, env=cassandra_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "registry.cli",
+            "publish",
+            str(big),
+            "--metrics",
+            str(metrics_file),
+            "--version",
+            "killed-1",
+        ],
+        cwd=ROOT,
+        env=cassandra_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     first_chunk = cassandra.prepare("SELECT chunk FROM archive_chunks WHERE version = ? LIMIT 1")
     deadline = time.monotonic() + 60
@@ -176,12 +208,18 @@ def test_promote_moves_an_alias_and_download_follows_it(registry, cassandra_env,
     assert [v.aliases for v in registry.versions() if v.version in ("alias-1", "alias-2")] == [[], ["canary"]]
 
 
-def test_delete_refuses_a_version_an_alias_points_at_unless_forced(registry, cassandra, cassandra_env, model_archive, metrics):
+def test_delete_refuses_a_version_an_alias_points_at_unless_forced(
+    registry, cassandra, cassandra_env, model_archive, metrics
+):
     registry.publish(model_archive, metrics, "delete-1")
     registry.promote("delete-1", "doomed")
     refused = registry_cli(cassandra_env, "delete", "delete-1")
     assert refused.returncode == 1
-    assert refused.stderr == "error: version delete-1 is what doomed points at; promote another version first, or pass --force to delete the alias too\n"
+    assert (
+        refused.stderr
+        == "error: version delete-1 is what doomed points at; promote another version first, or pass --force to "
+        "delete the alias too\n"
+    )
     with pytest.raises(AliasInUse):
         registry.delete("delete-1")
     assert registry.get("doomed").version == "delete-1"
@@ -199,13 +237,18 @@ def test_unknown_names_get_a_specific_error(registry, cassandra_env):
         registry.get("no-such-version")
     result = registry_cli(cassandra_env, "download", "no-such-version")
     assert result.returncode == 1
-    assert result.stderr == "error: no version or alias 'no-such-version' in the registry; `mnist-registry list` shows what there is\n"
+    assert (
+        result.stderr
+        == "error: no version or alias 'no-such-version' in the registry; `mnist-registry list` shows what there is\n"
+    )
     with pytest.raises(VersionNotFound):
         registry.delete("no-such-version")
 
 
 def test_every_subcommand_explains_itself():
     for command in ("publish", "list", "show", "download", "promote", "delete"):
-        result = subprocess.run([sys.executable, "-m", "registry.cli", command, "--help"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "registry.cli", command, "--help"], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0 and f"usage: mnist-registry {command}" in result.stdout
         assert "CASSANDRA_KEYSPACE" in result.stdout

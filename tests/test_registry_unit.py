@@ -1,4 +1,5 @@
 """The registry's pure parts: chunking, the metrics file, the archive check. No database needed."""
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize(
     "size, chunk_size, expected",
-    [(0, 4, [0]), (1, 4, [1]), (4, 4, [4]), (5, 4, [4, 1]), (8, 4, [4, 4]), (9, 4, [4, 4, 1]), (3 << 20, 1 << 20, [1 << 20] * 3)],
+    [
+        (0, 4, [0]),
+        (1, 4, [1]),
+        (4, 4, [4]),
+        (5, 4, [4, 1]),
+        (8, 4, [4, 4]),
+        (9, 4, [4, 4, 1]),
+        (3 << 20, 1 << 20, [1 << 20] * 3),
+    ],
 )
 def test_chunks_cover_the_file_in_order(size, chunk_size, expected):
     data = bytes(i % 251 for i in range(size))

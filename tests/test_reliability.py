@@ -3,6 +3,7 @@ every malformed request gets its 4xx and every digit its 200; the model registry
 restart, on a Cassandra node of the test's own (other ports and directories, so the shared node other tests
 use keeps running): a download with the node down retries and then fails in one line, a download across the
 restart succeeds, and a publish the node stops under leaves no visible version."""
+
 from __future__ import annotations
 
 import http.client
@@ -15,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
+from bodies import encoded
 from conftest import ROOT
 
 from bench.soak import listed_versions, malformed, registry_through_a_restart
-from bodies import encoded
 from handler.client import parse
 from registry import db
 
@@ -31,6 +32,7 @@ THREADS = 32
 
 
 # --- concurrent mixed traffic --------------------------------------------------------------------
+
 
 @pytest.mark.serve
 @pytest.mark.slow
@@ -77,10 +79,13 @@ def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_
         for done in [pool.submit(send_until_the_deadline) for _ in range(THREADS)]:
             done.result()
     assert not wrong, f"{len(wrong)} of {sum(answered.values())} answered wrongly, e.g. {wrong[:5]}"
-    assert answered["bad"] >= enough, f"only {answered} requests in {MIXED_LOAD_MAX_S:g} s: too few to hold the invariant"
+    assert answered["bad"] >= enough, (
+        f"only {answered} requests in {MIXED_LOAD_MAX_S:g} s: too few to hold the invariant"
+    )
 
 
 # --- the registry through a database restart -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def scratch():
@@ -93,7 +98,9 @@ def scratch():
 @pytest.mark.slow
 def test_the_registry_through_a_database_restart(scratch, model_archive, metrics_file, tmp_path):
     retry_s = 4
-    figures = registry_through_a_restart(scratch, f"restart_{os.getpid()}", model_archive, metrics_file, tmp_path, retry_s)
+    figures = registry_through_a_restart(
+        scratch, f"restart_{os.getpid()}", model_archive, metrics_file, tmp_path, retry_s
+    )
     where = f"127.0.0.1:{scratch.port}"
 
     # Down: it said it would try again, tried for its budget, and ended with one error line.
@@ -121,6 +128,7 @@ def test_the_registry_through_a_database_restart(scratch, model_archive, metrics
 
 
 # --- the retry rule ------------------------------------------------------------------------------
+
 
 class Flaky:
     """Fails with `error` the first `failures` times."""

@@ -1,8 +1,10 @@
-"""The archive served by a real TorchServe: every input form, bad input, a killed worker, health, metrics and the locked management API."""
+"""The archive served by a real TorchServe: every input form, bad input, a killed worker, health, metrics and the
+locked management API."""
+
 from __future__ import annotations
 
-import functools
 import base64
+import functools
 import ipaddress
 import json
 import os
@@ -21,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-
 from bodies import encoded, png_claiming, zip_archive
+from served import send_all
+
 from handler.client import post
 from handler.server import Ports, Server
-from served import send_all
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -35,6 +37,7 @@ RECOVERY_BOUND_S = 120.0  # a killed worker is replaced (retry after 1 s, then t
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def as_json(document) -> tuple[bytes, str]:
     return json.dumps(document).encode(), "application/json"
@@ -69,7 +72,9 @@ def test_each_input_form_reads_real_test_digits(server, digits, form):
 def test_instances_are_answered_in_order(server, digits):
     images, labels = digits
     # Alternate base64 PNGs and pixel arrays inside each request, 50 images a request.
-    instances = [base64.b64encode(encoded(image)).decode() if n % 2 else image.tolist() for n, image in enumerate(images)]
+    instances = [
+        base64.b64encode(encoded(image)).decode() if n % 2 else image.tolist() for n, image in enumerate(images)
+    ]
     requests = [as_json({"instances": instances[start : start + 50]}) for start in range(0, len(images), 50)]
     replies = send_all(server, requests)
     assert [status for status, _, _ in replies] == [200] * len(requests)
@@ -90,6 +95,7 @@ def test_an_answer_has_the_digit_its_confidence_and_ten_probabilities(server, kn
 
 # --- bad input ----------------------------------------------------------------------------------
 
+
 def truncated_png(digits) -> bytes:
     whole = encoded(digits[0][0])
     return whole[: len(whole) // 2]
@@ -104,7 +110,12 @@ BAD_INPUTS = {
     "wrong JSON shape": (lambda d: json.dumps([[0] * 28] * 27).encode(), "application/json", 400, "got 27 x 28"),
     "NaN pixels": (lambda d: b"[" + b"0, " * 783 + b"NaN]", "application/json", 400, "NaN or Infinity"),
     "out-of-range pixels": (lambda d: json.dumps([0] * 783 + [256]).encode(), "application/json", 400, "0..255"),
-    "too many instances": (lambda d: json.dumps({"instances": [[0] * 784] * 65}).encode(), "application/json", 413, "65 instances"),
+    "too many instances": (
+        lambda d: json.dumps({"instances": [[0] * 784] * 65}).encode(),
+        "application/json",
+        413,
+        "65 instances",
+    ),
     "invalid JSON": (lambda d: b'{"data": ', "application/json", 400, "not valid JSON"),
     "JSON content type, text body": (lambda d: b"seven", "application/json", 415, "plain text"),
     "a ZIP archive": (lambda d: zip_archive(), "application/zip", 415, "a ZIP archive"),
@@ -140,7 +151,9 @@ def test_a_body_over_the_size_limit_is_refused_by_the_frontend(server, known):
 
     connection = http.client.HTTPConnection("127.0.0.1", server.ports.inference, timeout=30)
     try:
-        connection.request("POST", "/predictions/mnist", body=b"\x89PNG" + bytes(2 << 20), headers={"Content-Type": "image/png"})
+        connection.request(
+            "POST", "/predictions/mnist", body=b"\x89PNG" + bytes(2 << 20), headers={"Content-Type": "image/png"}
+        )
         status = connection.getresponse().status
     finally:
         connection.close()
@@ -159,16 +172,27 @@ def test_many_concurrent_maximum_size_bodies_do_not_exhaust_the_frontend(server,
 
 # --- one batch, several answers -----------------------------------------------------------------
 
+
 def batches(log_dir: Path) -> list[set[str]]:
     """The request ids of each batch a worker ran, from the HandlerTime metric lines it logs."""
     lines = (log_dir / "ts_log.log").read_text(errors="replace")
-    return [set(ids.split(",")) for ids in re.findall(r"\[METRICS\]HandlerTime\.Milliseconds:[^|]*\|[^|]*\|[^|]*\|#hostname:[^,]*,\d+,([^,\s]+(?:,[^,\s]+)*)", lines)]
+    return [
+        set(ids.split(","))
+        for ids in re.findall(
+            r"\[METRICS\]HandlerTime\.Milliseconds:[^|]*\|[^|]*\|[^|]*\|#hostname:[^,]*,\d+,([^,\s]+(?:,[^,\s]+)*)",
+            lines,
+        )
+    ]
 
 
 def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(server, known):
     images, labels = known
     good = [(encoded(image), "image/png") for image in images[:24]]
-    bad = [(b"", "application/octet-stream"), (b"seven", "text/plain"), (json.dumps([0] * 783).encode(), "application/json")] * 3
+    bad = [
+        (b"", "application/octet-stream"),
+        (b"seven", "text/plain"),
+        (json.dumps([0] * 783).encode(), "application/json"),
+    ] * 3
     requests = good + bad
 
     def send(gate, request):
@@ -180,7 +204,9 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(server, kn
         with ThreadPoolExecutor(len(requests)) as pool:
             replies = list(pool.map(functools.partial(send, gate), requests))
         good_replies, bad_replies = replies[: len(good)], replies[len(good) :]
-        assert [(reply.status, reply.answer["digit"]) for reply in good_replies] == [(200, label) for label in labels[:24]]
+        assert [(reply.status, reply.answer["digit"]) for reply in good_replies] == [
+            (200, label) for label in labels[:24]
+        ]
         assert [reply.status for reply in bad_replies] == [400, 415, 400] * 3
         assert all(reply.answer["code"] == reply.status and reply.answer["error"] for reply in bad_replies)
         good_ids = {reply.headers["x-request-id"] for reply in good_replies}
@@ -191,6 +217,7 @@ def test_good_and_bad_requests_in_one_batch_each_get_their_own_answer(server, kn
 
 
 # --- health, metrics, management ----------------------------------------------------------------
+
 
 def get(url: str) -> tuple[int, str, str]:
     try:
@@ -228,7 +255,9 @@ def test_every_answer_names_the_model_version_and_archive_checksum(server, known
     several = post(server.url(), *as_json({"instances": [image.tolist() for image in images[:3]]}))
     refused = post(server.url(), b"seven", "text/plain")
     assert (single.answer["digit"], single.answer["model"]) == (labels[0], served)
-    assert [p["digit"] for p in several.answer["predictions"]] == labels[:3].tolist() and several.answer["model"] == served
+    assert [p["digit"] for p in several.answer["predictions"]] == labels[:3].tolist() and several.answer[
+        "model"
+    ] == served
     for reply in (single, several, refused):
         assert (reply.headers["X-Model-Version"], reply.headers["X-Model-Sha256"]) == (version, served["sha256"])
     assert refused.status == 415 and "model" not in refused.answer  # an error names no prediction's model
@@ -255,8 +284,12 @@ def test_management_api_listens_on_loopback_only(server):
 
 
 def test_management_api_cannot_be_reached_through_a_network_address(server):
-    outward = [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
-               if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
+    outward = [
+        a.address
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback
+    ]
     if not outward:
         pytest.skip("this machine has no network address besides loopback")
     with socket.create_connection((outward[0], server.ports.inference), timeout=5):
@@ -276,6 +309,7 @@ def test_model_management_calls_are_refused(server, known):
 
 # --- the command-line client --------------------------------------------------------------------
 
+
 def mnist_predict(*args: str) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("mnist-predict")
     return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60)
@@ -289,7 +323,9 @@ def test_mnist_predict_prints_the_digit_for_each_file(server, known, tmp_path):
         files[-1].write_bytes(encoded(images[number]))
     done = mnist_predict("--url", server.url(), *map(str, files))
     assert done.returncode == 0, done.stderr
-    assert [line.split(": ")[1].split(" ")[0] for line in done.stdout.splitlines()] == [str(label) for label in labels[:3]]
+    assert [line.split(": ")[1].split(" ")[0] for line in done.stdout.splitlines()] == [
+        str(label) for label in labels[:3]
+    ]
     raw = mnist_predict("--url", server.url(), "--json", str(files[0]))
     assert json.loads(raw.stdout)["digit"] == labels[0]
 
@@ -305,6 +341,7 @@ def test_mnist_predict_reports_a_refused_file_and_a_missing_server(server, tmp_p
 
 
 # --- a worker dies ------------------------------------------------------------------------------
+
 
 def worker_pids(server: Server) -> list[int]:
     status, _, text = get(server.url("/models/mnist", server.ports.management))
@@ -330,7 +367,10 @@ def test_a_killed_worker_is_replaced_and_predictions_go_on(server, known, record
         time.sleep(0.2)
     recovery = time.monotonic() - killed
     record_property("worker_recovery_seconds", round(recovery, 1))
-    print(f"\nworker {victim.pid} killed: replaced and READY after {recovery:.1f} s, {failures} failed predictions meanwhile")
+    print(
+        f"\nworker {victim.pid} killed: replaced and READY after {recovery:.1f} s, {failures} failed predictions "
+        f"meanwhile"
+    )
     assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
     replies = send_all(server, [(encoded(image), "image/png") for image in images[:64]])
     assert [(reply.status, reply.answer["digit"]) for reply in replies] == [(200, label) for label in labels[:64]]

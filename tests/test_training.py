@@ -1,4 +1,5 @@
 """The training job: a smoke run on a subset, reproducibility, resume, the CLI and its errors."""
+
 import copy
 import json
 import subprocess
@@ -40,7 +41,11 @@ def test_resume_continues_where_the_checkpoint_stopped(mnist, tmp_path):
     config = TrainConfig(**SMOKE)
     whole = train(mnist, config)
     checkpoints = []
-    train(mnist, config, on_epoch=lambda s: checkpoints.append(copy.deepcopy(s.checkpoint(config))) if s.epoch == 1 else None)
+    train(
+        mnist,
+        config,
+        on_epoch=lambda s: checkpoints.append(copy.deepcopy(s.checkpoint(config))) if s.epoch == 1 else None,
+    )
     resumed = train(mnist, config, resume=checkpoints[0])
     assert [h.epoch for h in resumed.history] == [1, 2]
     for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
@@ -61,13 +66,27 @@ def test_job_writes_complete_outputs(tmp_path):
     exported = torch.jit.load(str(out / "model.pt"))
     assert exported(torch.zeros(3, 1, 28, 28, dtype=torch.uint8)).shape == (3, 10)
     # --resume from the checkpoint it left: nothing left to train, same result.
-    assert main(["train", "--out", str(out), "--resume", str(out / "checkpoint.pt"), *[f"--{k.replace('_', '-')}={v}" for k, v in SMOKE.items()]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out",
+                str(out),
+                "--resume",
+                str(out / "checkpoint.pt"),
+                *[f"--{k.replace('_', '-')}={v}" for k, v in SMOKE.items()],
+            ]
+        )
+        == 0
+    )
     again = json.loads((out / "metrics.json").read_text())
     assert again["test_accuracy"] == metrics["test_accuracy"]
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 @pytest.mark.parametrize(

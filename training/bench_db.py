@@ -1,4 +1,5 @@
 """Load and read speed of both table layouts side by side, against the targets."""
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,15 @@ def measure(session: Session, mnist: Mnist, where: str, limit: int | None = None
         started = time.perf_counter()
         read = CassandraMnist(session, layout, where, expect_mnist_counts=limit is None).load()
         seconds = time.perf_counter() - started
-        figures.append(Figures(layout.name, report.rows, report.rows_per_second, len(read.train_images) + len(read.test_images), seconds))
+        figures.append(
+            Figures(
+                layout.name,
+                report.rows,
+                report.rows_per_second,
+                len(read.train_images) + len(read.test_images),
+                seconds,
+            )
+        )
     return figures
 
 
@@ -47,5 +56,8 @@ def table(figures: list[Figures]) -> str:
             f"{f.read_seconds:>6.1f}  <= {READ_TARGET:.0f} {read_ok}"
         )
     load1, load5, _ = os.getloadavg()
-    lines.append(f"(read = train and test tables into arrays, as training does; load average {load1:.1f} / {load5:.1f} on {os.cpu_count()} cores)")
+    lines.append(
+        f"(read = train and test tables into arrays, as training does; load average {load1:.1f} / {load5:.1f} on "
+        f"{os.cpu_count()} cores)"
+    )
     return "\n".join(lines)

@@ -1,12 +1,13 @@
 """The database side of `python -m training`: load-data, bench-db, predict-table and train's database flags."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from registry import db
 from registry.settings import SETTINGS_HELP, cassandra_settings, keyspace_name
@@ -25,7 +26,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_layout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--layout", choices=sorted(LAYOUTS), default="blob",
+        "--layout",
+        choices=sorted(LAYOUTS),
+        default="blob",
         help="blob: our tables (train_images, test_images, predict_images); notebook: the astra-pytorch "
         "notebook's raw_train, raw_test, raw_predict",
     )
@@ -46,28 +49,44 @@ def database_command(commands: argparse._SubParsersAction, name: str, summary: s
 
 def add_commands(commands: argparse._SubParsersAction, positive_int) -> None:
     load_data = database_command(
-        commands, "load-data", "load MNIST into the database tables (idempotent), then check the counts",
+        commands,
+        "load-data",
+        "load MNIST into the database tables (idempotent), then check the counts",
         "Write the 60,000 training and 10,000 test images into the tables of a layout with concurrent "
-        "prepared statements, then read the ids back to check every row arrived. Running it again rewrites the same rows.",
+        "prepared statements, then read the ids back to check every row arrived. Running it again rewrites the same "
+        "rows.",
     )
     add_layout(load_data)
     load_data.add_argument("--limit", type=positive_int, help="only the first N images of each split (quick trials)")
-    load_data.add_argument("--predict", type=non_negative_int, default=0, help="also put the first N test images (with labels) into the predict table")
-    load_data.add_argument("--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)")
+    load_data.add_argument(
+        "--predict",
+        type=non_negative_int,
+        default=0,
+        help="also put the first N test images (with labels) into the predict table",
+    )
+    load_data.add_argument(
+        "--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)"
+    )
     load_data.set_defaults(run=run_load_data)
 
     bench = database_command(
-        commands, "bench-db", "load and read speed of both layouts side by side, with the targets",
+        commands,
+        "bench-db",
+        "load and read speed of both layouts side by side, with the targets",
         "Load MNIST into both layouts and read it back as training does; prints rows/s and seconds "
         "beside the targets (load >= 10,000 rows/s, read <= 10 s). Uses its own keyspace, so the data of "
         "CASSANDRA_KEYSPACE is never touched.",
     )
-    bench.add_argument("--keyspace", default="mnist_bench", help="keyspace to load (created on a local node; on Astra it must exist)")
+    bench.add_argument(
+        "--keyspace", default="mnist_bench", help="keyspace to load (created on a local node; on Astra it must exist)"
+    )
     bench.add_argument("--limit", type=positive_int, help="only the first N images of each split")
     bench.set_defaults(run=run_bench_db)
 
     predict = database_command(
-        commands, "predict-table", "score the predict table's rows with a registered model, write the predictions",
+        commands,
+        "predict-table",
+        "score the predict table's rows with a registered model, write the predictions",
         "Download a model version from the registry, run its TorchScript model.pt on every row of the "
         "predict table (predict_images, or raw_predict with --layout notebook) and write digit, confidence "
         "and model version of each into the predictions table.",
@@ -79,12 +98,24 @@ def add_commands(commands: argparse._SubParsersAction, positive_int) -> None:
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("files", "cassandra"), default="files", help="files: MNIST IDX files; cassandra: the tables of --layout")
-    add_layout(parser)
-    parser.add_argument("--any-count", action="store_true", help="with --source cassandra: accept tables that do not hold MNIST's 60,000/10,000 images")
     parser.add_argument(
-        "--checkpoints", choices=("file", "cassandra"), default="file",
-        help="cassandra: each epoch's checkpoint also goes to the checkpoints table (OUT/checkpoint.pt is always written)",
+        "--source",
+        choices=("files", "cassandra"),
+        default="files",
+        help="files: MNIST IDX files; cassandra: the tables of --layout",
+    )
+    add_layout(parser)
+    parser.add_argument(
+        "--any-count",
+        action="store_true",
+        help="with --source cassandra: accept tables that do not hold MNIST's 60,000/10,000 images",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        choices=("file", "cassandra"),
+        default="file",
+        help="cassandra: each epoch's checkpoint also goes to the checkpoints table (OUT/checkpoint.pt is always "
+        "written)",
     )
 
 
@@ -93,6 +124,7 @@ def open_database(settings=None):
 
 
 # --- train ------------------------------------------------------------------------------------
+
 
 def train_database(args: argparse.Namespace):
     """A session when a train flag needs the database, else a context yielding None."""
@@ -105,7 +137,9 @@ def train_source(args: argparse.Namespace, session):
         return IdxDirectory(args.data_dir) if args.data_dir else DownloadedMnist()
     if args.data_dir:
         raise ValueError("--data-dir reads files; it does not go with --source cassandra")
-    return CassandraMnist(session, LAYOUTS[args.layout], cassandra_settings().where(), expect_mnist_counts=not args.any_count)
+    return CassandraMnist(
+        session, LAYOUTS[args.layout], cassandra_settings().where(), expect_mnist_counts=not args.any_count
+    )
 
 
 def train_resume(args: argparse.Namespace, session, config: TrainConfig) -> dict | None:
@@ -125,12 +159,16 @@ def train_checkpoints(args: argparse.Namespace, session, config: TrainConfig) ->
         return None
     resumed = str(args.resume or "")
     run_id = parse_reference(resumed)[0] if resumed.startswith(PREFIX) else new_run_id()
-    print(f"checkpoints: each epoch goes to the database as run {run_id} (resume with --resume {PREFIX}{run_id})", file=sys.stderr)
+    print(
+        f"checkpoints: each epoch goes to the database as run {run_id} (resume with --resume {PREFIX}{run_id})",
+        file=sys.stderr,
+    )
     store = CheckpointStore(session)
     return lambda state: store.save(run_id, state, config)
 
 
 # --- load-data, bench-db, predict-table ---------------------------------------------------------
+
 
 def mnist_for(args: argparse.Namespace):
     source = IdxDirectory(args.data_dir) if getattr(args, "data_dir", None) else DownloadedMnist()
@@ -170,7 +208,11 @@ def run_predict_table(args: argparse.Namespace) -> None:
 
     with open_database() as session:
         report = predict_table(session, LAYOUTS[args.layout], args.model, args.batch_size)
-    accuracy = f"; accuracy {report.accuracy:.2%} on the {report.labelled:,} labelled rows" if report.accuracy is not None else ""
+    accuracy = (
+        f"; accuracy {report.accuracy:.2%} on the {report.labelled:,} labelled rows"
+        if report.accuracy is not None
+        else ""
+    )
     print(
         f"scored {report.rows:,} rows of {report.table} with model version {report.version}{accuracy}; "
         f"wrote them to predictions in {report.seconds:.1f} s"

@@ -1,9 +1,10 @@
 """MNIST read out of Cassandra tables, in either table layout, as the same arrays the IDX files give."""
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from cassandra.cluster import Session
@@ -33,7 +34,9 @@ class Layout:
     def prepare_insert(self, session: Session, split: str) -> PreparedStatement:
         raise NotImplementedError
 
-    def statements(self, insert: PreparedStatement, ids: np.ndarray, labels: np.ndarray, images: np.ndarray) -> Iterator[tuple]:
+    def statements(
+        self, insert: PreparedStatement, ids: np.ndarray, labels: np.ndarray, images: np.ndarray
+    ) -> Iterator[tuple]:
         """(statement, parameters, rows) triples that write these images."""
         raise NotImplementedError
 
@@ -84,10 +87,14 @@ class NotebookLayout(Layout):
 
 LAYOUTS: dict[str, Layout] = {
     # A blob row is ~0.8 kB: 5,000 rows make a 4 MB page.
-    "blob": BlobLayout("blob", {"train": "train_images", "test": "test_images", "predict": "predict_images"}, "bucket", 16, 5000),
+    "blob": BlobLayout(
+        "blob", {"train": "train_images", "test": "test_images", "predict": "predict_images"}, "bucket", 16, 5000
+    ),
     # A notebook row is 784 list cells, ~140 kB on the node's heap while it builds a page: pages of
     # 5,000 such rows ran a 512 MiB node out of memory; 200 keep a page near 30 MB.
-    "notebook": NotebookLayout("notebook", {"train": "raw_train", "test": "raw_test", "predict": "raw_predict"}, "id", 16, 200),
+    "notebook": NotebookLayout(
+        "notebook", {"train": "raw_train", "test": "raw_test", "predict": "raw_predict"}, "id", 16, 200
+    ),
 }
 
 
@@ -101,11 +108,18 @@ class Images:
     images: np.ndarray
 
 
-def read_images(session: Session, layout: Layout, split: str, ranges: int | None = None, progress: tqdm | None = None) -> Images:
+def read_images(
+    session: Session, layout: Layout, split: str, ranges: int | None = None, progress: tqdm | None = None
+) -> Images:
     """Every image of a split's table, read in parallel token ranges, ordered by id."""
     table = layout.table(split)
     rows = db.read_token_ranges(
-        session, table, layout.partition_key, ("id", "label", "pixels"), layout.page_rows, ranges,
+        session,
+        table,
+        layout.partition_key,
+        ("id", "label", "pixels"),
+        layout.page_rows,
+        ranges,
         on_rows=progress.update if progress is not None else lambda count: None,
     )
     if not rows:
@@ -147,7 +161,9 @@ class CassandraMnist:
     def load(self) -> Mnist:
         how_to_load = "python -m training load-data" + (" --layout notebook" if self.layout.name == "notebook" else "")
         arrays = {}
-        with tqdm(desc=f"reading {self.layout.name} tables", unit=" rows", file=sys.stderr, disable=None, leave=False) as bar:
+        with tqdm(
+            desc=f"reading {self.layout.name} tables", unit=" rows", file=sys.stderr, disable=None, leave=False
+        ) as bar:
             for split, expected in (("train", TRAIN_COUNT), ("test", TEST_COUNT)):
                 images = read_images(self.session, self.layout, split, self.ranges, bar)
                 if not len(images.ids):
@@ -165,7 +181,7 @@ class CassandraMnist:
                         f"`{how_to_load}`, or pass --any-count to train on the rows that are there"
                     )
                 arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.images, images.labels.astype(np.uint8)
-        origin = f"cassandra {self.where}, {self.layout.name} layout ({self.layout.table('train')}, {self.layout.table('test')})"
+        tables = f"{self.layout.table('train')}, {self.layout.table('test')}"
+        origin = f"cassandra {self.where}, {self.layout.name} layout ({tables})"
         mnist = Mnist(**arrays, origin=origin)
         return mnist.check_counts(train=len(mnist.train_images), test=len(mnist.test_images))
-

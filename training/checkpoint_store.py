@@ -1,9 +1,10 @@
 """Training checkpoints in Cassandra, one row per epoch of a run, and reading one back to resume."""
+
 from __future__ import annotations
 
 import io
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from cassandra.cluster import Session
@@ -19,7 +20,7 @@ SEPARATE = ("model_state_dict", "optimizer_state_dict")  # the notebook's networ
 
 def new_run_id() -> str:
     """Sorts by start time, unique without coordination: 20251122T091502Z-3f9a."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
 def parse_reference(text: str) -> tuple[str, int | None]:
@@ -46,10 +47,15 @@ class CheckpointStore:
     def __init__(self, session: Session):
         self.session = session
         self.insert = session.prepare(
-            "INSERT INTO checkpoints (run_id, epoch, upload_date, comments, network, optimizer, state) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO checkpoints (run_id, epoch, upload_date, comments, network, optimizer, state) VALUES (?, ?, "
+            "?, ?, ?, ?, ?)"
         )
-        self.select_latest = session.prepare("SELECT epoch, network, optimizer, state FROM checkpoints WHERE run_id = ? LIMIT 1")
-        self.select_epoch = session.prepare("SELECT epoch, network, optimizer, state FROM checkpoints WHERE run_id = ? AND epoch = ?")
+        self.select_latest = session.prepare(
+            "SELECT epoch, network, optimizer, state FROM checkpoints WHERE run_id = ? LIMIT 1"
+        )
+        self.select_epoch = session.prepare(
+            "SELECT epoch, network, optimizer, state FROM checkpoints WHERE run_id = ? AND epoch = ?"
+        )
         self.select_epochs = session.prepare("SELECT epoch FROM checkpoints WHERE run_id = ?")
 
     def save(self, run_id: str, state: TrainState, config: TrainConfig) -> None:
@@ -62,11 +68,11 @@ class CheckpointStore:
         last = state.history[-1] if state.history else None
         comment = (
             f"epoch {state.epoch}/{config.epochs}: train loss {last.train_loss:.4f}, val loss {last.val_loss:.4f}, "
-            f"val accuracy {last.val_accuracy:.2%}" if last else f"epoch {state.epoch}/{config.epochs}"
+            f"val accuracy {last.val_accuracy:.2%}"
+            if last
+            else f"epoch {state.epoch}/{config.epochs}"
         )
-        self.session.execute(
-            self.insert, (run_id, state.epoch, datetime.now(timezone.utc), comment, network, optimizer, rest)
-        )
+        self.session.execute(self.insert, (run_id, state.epoch, datetime.now(UTC), comment, network, optimizer, rest))
 
     def epochs(self, run_id: str) -> list[int]:
         return sorted(row[0] for row in self.session.execute(self.select_epochs, (run_id,)))
@@ -81,7 +87,10 @@ class CheckpointStore:
             saved = self.epochs(run_id)
             if not saved:
                 raise ValueError(f"--resume {PREFIX}{run_id}: no checkpoints of a run {run_id} in the database")
-            raise ValueError(f"--resume {PREFIX}{run_id}@{epoch}: run {run_id} has checkpoints of epochs {', '.join(map(str, saved))}")
+            raise ValueError(
+                f"--resume {PREFIX}{run_id}@{epoch}: run {run_id} has checkpoints of epochs "
+                f"{', '.join(map(str, saved))}"
+            )
         _, network, optimizer, rest = row
         checkpoint = from_bytes(rest)
         checkpoint["model_state_dict"], checkpoint["optimizer_state_dict"] = from_bytes(network), from_bytes(optimizer)

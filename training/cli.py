@@ -1,4 +1,5 @@
 """Command line of the training job: `python -m training COMMAND --help`."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,36 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="passes over the training images")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images per optimiser step")
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="same seed, data and device give the same model")
-    parser.add_argument("--device", default=DEFAULTS.device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, default=Path("artifacts"), help="where model.pt, metrics.json and the plots go")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt (model and optimiser state), or from the database: cassandra:RUN_ID[@EPOCH]")
-    parser.add_argument("--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)")
-    parser.add_argument("--val-size", type=int, default=DEFAULTS.val_size, help="training images held out for the per-epoch validation line")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images per optimiser step"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=DEFAULTS.lr, help="peak learning rate of the one-cycle schedule"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed, help="same seed, data and device give the same model"
+    )
+    parser.add_argument(
+        "--device", default=DEFAULTS.device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("artifacts"), help="where model.pt, metrics.json and the plots go"
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint.pt (model and optimiser state), "
+        "or from the database: cassandra:RUN_ID[@EPOCH]",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="your own MNIST IDX files (default: MNIST fetched once into the cache)"
+    )
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=DEFAULTS.val_size,
+        help="training images held out for the per-epoch validation line",
+    )
     parser.add_argument("--train-limit", type=positive_int, help="train on the first N images only (quick trials)")
     parser.add_argument("--no-augment", action="store_true", help="no random rotations, scalings and shifts")
     cassandra_cli.add_train_options(parser)
@@ -61,16 +84,26 @@ def run_train(args: argparse.Namespace) -> None:
     from training import job  # torch imports are slow; --help should not wait for them
 
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        val_size=args.val_size, train_limit=args.train_limit, augment=not args.no_augment,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        val_size=args.val_size,
+        train_limit=args.train_limit,
+        augment=not args.no_augment,
     )
     with cassandra_cli.train_database(args) as session:  # None unless a flag needs the database
         source = cassandra_cli.train_source(args, session)
         resume = cassandra_cli.train_resume(args, session, config)
-        metrics = job.run(source, config, args.out, resume, on_epoch=cassandra_cli.train_checkpoints(args, session, config))
+        metrics = job.run(
+            source, config, args.out, resume, on_epoch=cassandra_cli.train_checkpoints(args, session, config)
+        )
     print(
-        f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) after {metrics['epochs']} epochs "
-        f"in {metrics['train_seconds']:.0f} s; wrote {args.out}/model.pt, metrics.json, training-curve.png, confusion-matrix.png"
+        f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) after {metrics['epochs']} "
+        f"epochs "
+        f"in {metrics['train_seconds']:.0f} s; wrote {args.out}/model.pt, metrics.json, training-curve.png, "
+        f"confusion-matrix.png"
     )
 
 

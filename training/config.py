@@ -1,4 +1,5 @@
 """Where the training side keeps what it downloads and builds: one cache folder outside the checkout."""
+
 from __future__ import annotations
 
 import os

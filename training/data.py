@@ -1,4 +1,5 @@
 """MNIST as uint8 arrays, from the standard IDX files, whichever route supplied them."""
+
 from __future__ import annotations
 
 import gzip
@@ -53,7 +54,7 @@ class Mnist:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
-    def check_counts(self, train: int = TRAIN_COUNT, test: int = TEST_COUNT) -> "Mnist":
+    def check_counts(self, train: int = TRAIN_COUNT, test: int = TEST_COUNT) -> Mnist:
         for name, images, labels, expected in (
             ("training", self.train_images, self.train_labels, train),
             ("test", self.test_images, self.test_labels, test),
@@ -77,6 +78,7 @@ class MnistSource(Protocol):
 
 # --- IDX files -------------------------------------------------------------------------------
 
+
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """Read one IDX file (optionally gzipped) and check its header against its size."""
     try:
@@ -94,8 +96,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if found != magic:
         raise DataError(
             f"{path}: magic number 0x{found:08x}, expected 0x{magic:08x}; "
-            "this is not an MNIST IDX "
-            + ("image file" if magic == IMAGES_MAGIC else "label file")
+            "this is not an MNIST IDX " + ("image file" if magic == IMAGES_MAGIC else "label file")
         )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
@@ -132,7 +133,9 @@ class IdxDirectory:
             raise DataError(f"{self.directory}: no such directory; --data-dir needs the four MNIST IDX files")
         arrays = {}
         for key, stem in IDX_FILES.items():
-            arrays[key] = read_idx(find_idx(self.directory, stem), IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC)
+            arrays[key] = read_idx(
+                find_idx(self.directory, stem), IMAGES_MAGIC if key.endswith("images") else LABELS_MAGIC
+            )
         for split in ("train", "test"):
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             if len(images) != len(labels):
@@ -144,6 +147,7 @@ class IdxDirectory:
 
 
 # --- the default: downloaded once, cached as IDX files ----------------------------------------
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     magic = IMAGES_MAGIC if array.ndim == 3 else LABELS_MAGIC

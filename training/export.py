@@ -1,4 +1,5 @@
 """TorchScript export, verified against the eager model on the whole test set."""
+
 from __future__ import annotations
 
 import warnings

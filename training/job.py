@@ -1,12 +1,13 @@
 """The training job end to end: data in; model.pt, metrics.json and plots out, all or nothing."""
+
 from __future__ import annotations
 
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -81,7 +82,9 @@ def run(
         worst = export.export(state.model, test_x, staging / MODEL_FILE)
         report.plot_training_curve(state.history, staging / "training-curve.png")
         matrix = report.confusion_matrix(test_y.numpy(), predicted.numpy())
-        report.plot_confusion_matrix(matrix, staging / "confusion-matrix.png", f"MNIST test set, accuracy {test_accuracy:.2%}")
+        report.plot_confusion_matrix(
+            matrix, staging / "confusion-matrix.png", f"MNIST test set, accuracy {test_accuracy:.2%}"
+        )
         metrics = {
             "test_accuracy": test_accuracy,
             "test_loss": test_loss,
@@ -94,7 +97,11 @@ def run(
             "seed": config.seed,
             "device": str(next(state.model.parameters()).device),
             "parameters": asdict(config),
-            "model": {"class": Net.__name__, "multiply_adds": count_macs(Net()), "weights": sum(p.numel() for p in state.model.parameters())},
+            "model": {
+                "class": Net.__name__,
+                "multiply_adds": count_macs(Net()),
+                "weights": sum(p.numel() for p in state.model.parameters()),
+            },
             "export": {"format": "torchscript", "max_logit_difference": worst, "tolerance": export.LOGIT_TOLERANCE},
             "confusion_matrix": matrix.tolist(),
             **report.environment(),
@@ -104,4 +111,3 @@ def run(
         for name in OUTPUTS:
             (staging / name).replace(out / name)
     return metrics
-

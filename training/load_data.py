@@ -1,4 +1,5 @@
 """Load MNIST into the database tables of a layout, concurrently, and check every row arrived."""
+
 from __future__ import annotations
 
 import sys
@@ -58,7 +59,9 @@ def load(session: Session, layout: Layout, mnist: Mnist, limit: int | None = Non
 
     total = sum(len(images) for _, images in chosen.values())
     started = time.perf_counter()
-    with tqdm(total=total, desc=f"loading {layout.name} layout", unit=" rows", file=sys.stderr, disable=None, leave=False) as bar:
+    with tqdm(
+        total=total, desc=f"loading {layout.name} layout", unit=" rows", file=sys.stderr, disable=None, leave=False
+    ) as bar:
         db.execute_windowed(session, statements(), layout.write_window, on_done=bar.update)
     seconds = time.perf_counter() - started
     tables = [check_loaded(session, layout, split, len(images)) for split, (_, images) in chosen.items()]
@@ -68,7 +71,10 @@ def load(session: Session, layout: Layout, mnist: Mnist, limit: int | None = Non
 def check_loaded(session: Session, layout: Layout, split: str, rows: int) -> TableLoad:
     """Read back the ids of a split's table: every id 0..rows-1 must be there."""
     table = layout.table(split)
-    ids = np.array([row[0] for row in db.read_token_ranges(session, table, layout.partition_key, ("id",), layout.page_rows)], dtype=np.int64)
+    ids = np.array(
+        [row[0] for row in db.read_token_ranges(session, table, layout.partition_key, ("id",), layout.page_rows)],
+        dtype=np.int64,
+    )
     present = np.zeros(rows, dtype=bool)
     present[ids[(ids >= 0) & (ids < rows)]] = True
     missing = rows - int(present.sum())

@@ -1,4 +1,5 @@
 """The CNN, with MNIST normalisation inside it so serving can never drift from training."""
+
 from __future__ import annotations
 
 import torch

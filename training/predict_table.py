@@ -1,11 +1,12 @@
 """Score the rows of the predict table with a registered model version and write the predictions back."""
+
 from __future__ import annotations
 
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,9 @@ def load_model(archive: bytes, version: str) -> torch.jit.ScriptModule:
         try:
             return export.load(path)
         except RuntimeError as error:
-            raise BadInput(f"version {version}: {name} in the archive is not a TorchScript model ({str(error).splitlines()[0]})") from None
+            raise BadInput(
+                f"version {version}: {name} in the archive is not a TorchScript model ({str(error).splitlines()[0]})"
+            ) from None
 
 
 @torch.inference_mode()
@@ -59,7 +62,10 @@ def predict(model: torch.jit.ScriptModule, images: np.ndarray, batch_size: int =
         batch = torch.from_numpy(images[start : start + batch_size].copy()).unsqueeze(1)  # copy: read-only buffers
         logits = model(batch)
         if logits.ndim != 2 or logits.shape != (len(batch), 10):
-            raise BadInput(f"the model answered shape {tuple(logits.shape)} for {len(batch)} images, expected {len(batch)} x 10 logits")
+            raise BadInput(
+                f"the model answered shape {tuple(logits.shape)} for {len(batch)} images, expected {len(batch)} x 10 "
+                f"logits"
+            )
         confidence, digit = torch.softmax(logits.float(), dim=1).max(dim=1)
         digits.append(digit.numpy())
         confidences.append(confidence.numpy())
@@ -80,14 +86,17 @@ def predict_table(session: Session, layout: Layout, model_name: str, batch_size:
     # Scoring finishes before the first write, so a model that fails leaves the table untouched.
     digits, confidences = predict(model, rows.images, batch_size)
     insert = session.prepare(
-        "INSERT INTO predictions (source_table, id, model_version, digit, confidence, label, predicted_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO predictions (source_table, id, model_version, digit, confidence, label, predicted_at) VALUES "
+        "(?, ?, ?, ?, ?, ?, ?)"
     )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     statements = (
         (insert, (rows.table, int(i), version.version, int(d), float(c), None if label < 0 else int(label), now), 1)
         for i, d, c, label in zip(rows.ids, digits, confidences, rows.labels, strict=True)
     )
-    with tqdm(total=len(rows.ids), desc="writing predictions", unit=" rows", file=sys.stderr, disable=None, leave=False) as bar:
+    with tqdm(
+        total=len(rows.ids), desc="writing predictions", unit=" rows", file=sys.stderr, disable=None, leave=False
+    ) as bar:
         db.execute_windowed(session, statements, WRITE_WINDOW, on_done=bar.update)
     labelled = rows.labels >= 0
     return PredictReport(

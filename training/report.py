@@ -1,4 +1,5 @@
 """What a training run leaves behind for people: metrics.json, a training curve, a confusion matrix."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,13 @@ import torch  # noqa: E402
 
 from training.train import EpochResult  # noqa: E402
 
-
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def git_commit(root: Path = CHECKOUT) -> str:
     """The commit the code came from, '-dirty' when it had uncommitted changes. Outside git (the training
     image has no .git): MNIST_SERVE_GIT_COMMIT, which the image's build sets, else 'unknown'."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -64,8 +65,15 @@ def plot_confusion_matrix(matrix: np.ndarray, path: Path, title: str) -> None:
         for predicted in range(10):
             count = matrix[true, predicted]
             if count:
-                axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
-                          color="white" if true == predicted else "black")
+                axis.text(
+                    predicted,
+                    true,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if true == predicted else "black",
+                )
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit", title=title)
     figure.colorbar(image, ax=axis, label="images (log scale)")
     figure.tight_layout()

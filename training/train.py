@@ -1,11 +1,12 @@
 """The training loop: plain functions over in-memory tensors, one epoch at a time."""
+
 from __future__ import annotations
 
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -146,7 +147,9 @@ def train_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, device: torch.device, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
+def evaluate(
+    model: nn.Module, device: torch.device, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+):
     """Mean loss, accuracy and every prediction, on raw uint8 images as serving sees them."""
     model.eval()
     losses, predictions = [], []
@@ -188,7 +191,14 @@ def train(
         generator.manual_seed(config.seed * 1000 + epoch)
         started = time.perf_counter()
         train_loss = train_epoch(
-            state.model, device, train_x, train_y, state.optimizer, state.scheduler, config, generator,
+            state.model,
+            device,
+            train_x,
+            train_y,
+            state.optimizer,
+            state.scheduler,
+            config,
+            generator,
             progress=f"epoch {epoch}/{config.epochs}",
         )
         val_loss, val_accuracy, _ = evaluate(state.model, device, val_x, val_y)

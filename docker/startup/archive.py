@@ -1,5 +1,6 @@
 """The model archive TorchServe serves: from the registry (MODEL_SOURCE=registry) or built into the image
 (MODEL_SOURCE=image), put into the model store under one name, and checked before TorchServe starts."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,7 +8,13 @@ from pathlib import Path
 
 from handler.server import MODEL_NAME
 from registry.model_archive import (
-    MANIFEST, FailsCRC, ManifestNotJSON, ModelFileMissing, NoManifest, NotAZip, checked_manifest,
+    MANIFEST,
+    FailsCRC,
+    ManifestNotJSON,
+    ModelFileMissing,
+    NoManifest,
+    NotAZip,
+    checked_manifest,
 )
 from startup.report import StartupError, say
 from startup.settings import Settings
@@ -40,8 +47,9 @@ def fetch_from_registry(settings: Settings) -> tuple[Path, str, str]:
     except db.DatabaseError as error:
         raise StartupError(f"cannot reach the model registry: {error}") from None
     except RegistryError as error:
-        raise StartupError(f"cannot get model {settings.version!r} from the registry ({connection.where()}): "
-                           f"{error}") from None
+        raise StartupError(
+            f"cannot get model {settings.version!r} from the registry ({connection.where()}): {error}"
+        ) from None
     target = settings.model_store / ARCHIVE_FILE
     if path != target:
         path.replace(target)
@@ -73,12 +81,15 @@ def check_archive(path: Path) -> str:
     except FailsCRC as member:
         raise StartupError(f"{damaged}: {member} fails its CRC check; {rebuild}") from None
     except NoManifest:
-        raise StartupError(f"model archive {path} has no {MANIFEST}; build it with torch-model-archiver "
-                           "(make archive)") from None
+        raise StartupError(
+            f"model archive {path} has no {MANIFEST}; build it with torch-model-archiver (make archive)"
+        ) from None
     except ManifestNotJSON as error:
-        raise StartupError(f"model archive {path}: its {MANIFEST} is not the JSON object torch-model-archiver "
-                           f"writes ({error})") from None
+        raise StartupError(
+            f"model archive {path}: its {MANIFEST} is not the JSON object torch-model-archiver writes ({error})"
+        ) from None
     except ModelFileMissing as model_file:
-        raise StartupError(f"model archive {path} lacks {model_file}, the model file its manifest names; build it "
-                           "again (make archive)") from None
+        raise StartupError(
+            f"model archive {path} lacks {model_file}, the model file its manifest names; build it again (make archive)"
+        ) from None
     return str(manifest.get("model", {}).get("modelVersion", "?"))

@@ -1,5 +1,6 @@
 """TorchServe's Java frontend as this container starts it: the command line `torchserve --start --foreground`
 would run, and its environment."""
+
 from __future__ import annotations
 
 import os
@@ -22,11 +23,23 @@ def java_command(props: dict[str, str], config: Path, settings: Settings) -> lis
     java = str(Path(java_home) / "bin" / "java") if java_home else (shutil.which("java") or "java")
     vmargs = [arg for arg in props.get("vmargs", "").split() if not arg.startswith("-Dlog4j.configurationFile=")]
     return [
-        java, f"-Dmodel_server_home={home}", f"-Dlog4j.configurationFile=file://{LOG_CONFIG}",
-        f"-Djava.io.tmpdir={settings.tmp_dir}", *vmargs,
-        "-cp", f".:{home / 'ts' / 'frontend' / '*'}", "org.pytorch.serve.ModelServer",
-        "--python", sys.executable, "-f", str(config), "-s", str(settings.model_store), "-ncs",
-        "-m", f"{MODEL_NAME}={ARCHIVE_FILE}",
+        java,
+        f"-Dmodel_server_home={home}",
+        f"-Dlog4j.configurationFile=file://{LOG_CONFIG}",
+        f"-Djava.io.tmpdir={settings.tmp_dir}",
+        *vmargs,
+        "-cp",
+        f".:{home / 'ts' / 'frontend' / '*'}",
+        "org.pytorch.serve.ModelServer",
+        "--python",
+        sys.executable,
+        "-f",
+        str(config),
+        "-s",
+        str(settings.model_store),
+        "-ncs",
+        "-m",
+        f"{MODEL_NAME}={ARCHIVE_FILE}",
     ]
 
 

@@ -1,5 +1,6 @@
 """Whether TorchServe serves the model: asked until a prediction is answered, given up early when its workers
 keep failing to load the model, and READY_FILE written for the chart's startup probe once it does."""
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,9 @@ LOAD_FAILURES = 3
 
 def ask_over_http(port: int, path: str, body: bytes | None = None) -> tuple[int, bytes]:
     """HTTP status and body from 127.0.0.1:port (a POST when there is a body); status 0 when nothing answers."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as answer:
             return answer.status, answer.read()
@@ -72,11 +74,15 @@ def wait_until_ready(supervisor: Supervisor, port: int) -> bool:
             if status == 200:
                 return True
             if status == 404:
-                raise StartupError(f"TorchServe started without the model: it could not register "
-                                   f"{ARCHIVE_FILE}{log_tail(settings.log_dir)}")
+                raise StartupError(
+                    f"TorchServe started without the model: it could not register "
+                    f"{ARCHIVE_FILE}{log_tail(settings.log_dir)}"
+                )
         if time.monotonic() > deadline:
-            raise StartupError(f"the model did not answer a prediction within READY_TIMEOUT="
-                               f"{settings.ready_timeout:.0f} s{log_tail(settings.log_dir)}")
+            raise StartupError(
+                f"the model did not answer a prediction within READY_TIMEOUT="
+                f"{settings.ready_timeout:.0f} s{log_tail(settings.log_dir)}"
+            )
         time.sleep(POLL_S)
     return False
 

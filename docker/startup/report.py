@@ -1,5 +1,6 @@
 """What the entrypoint tells: progress lines on stderr, and a failure once, also in the termination log that
 Kubernetes shows in the pod's status."""
+
 from __future__ import annotations
 
 import signal

@@ -1,5 +1,6 @@
 """The config.properties TorchServe runs with: TORCHSERVE_CONFIG plus number_of_gpu and the project's metrics,
 refused when its management API would listen beyond loopback."""
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,10 @@ def run_config(settings: Settings) -> tuple[str, dict[str, str]]:
         text = settings.config.read_text()
     except OSError as error:
         raise StartupError(f"TORCHSERVE_CONFIG={settings.config}: cannot read it ({error.strerror})") from None
-    text += ("\n# Added by docker/entrypoint.py from NUMBER_OF_GPU (TorchServe uses at most the GPUs it finds).\n"
-             f"number_of_gpu={settings.gpus}\n")
+    text += (
+        "\n# Added by docker/entrypoint.py from NUMBER_OF_GPU (TorchServe uses at most the GPUs it finds).\n"
+        f"number_of_gpu={settings.gpus}\n"
+    )
     text = run_properties(text)
     props = properties(text)
     management = props.get("management_address", "http://127.0.0.1:8081")

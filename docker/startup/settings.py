@@ -1,12 +1,13 @@
 """The serving container's settings, read from the environment (docker/entrypoint.py lists them) and checked:
 a wrong one is refused with the variable's name and the fix, as is a directory this user cannot write to."""
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from registry.environment import SettingsError, number, text
 from registry.names import VERSION_NAME
@@ -43,12 +44,15 @@ def settings_from(environ: Mapping[str, str]) -> Settings:
 def checked_settings(environ: Mapping[str, str]) -> Settings:
     source = text(environ, "MODEL_SOURCE", "registry")
     if source not in SOURCES:
-        raise SettingsError(f"MODEL_SOURCE={source!r} is not one of {', '.join(SOURCES)} (registry: download "
-                            "MODEL_VERSION; image: the archive built into the image)")
+        raise SettingsError(
+            f"MODEL_SOURCE={source!r} is not one of {', '.join(SOURCES)} (registry: download "
+            "MODEL_VERSION; image: the archive built into the image)"
+        )
     version = text(environ, "MODEL_VERSION", "production")
     if not VERSION_NAME.fullmatch(version):
-        raise SettingsError(f"MODEL_VERSION={version!r} is not a version or alias name (letters, digits, '.', '_', "
-                            "'-'; 64 at most)")
+        raise SettingsError(
+            f"MODEL_VERSION={version!r} is not a version or alias name (letters, digits, '.', '_', '-'; 64 at most)"
+        )
     tmp_dir = Path(text(environ, "TMPDIR", tempfile.gettempdir()))
     return Settings(
         source=source,

@@ -1,5 +1,6 @@
 """TorchServe as the child of this process, which runs as PID 1: started, watched, stopped on SIGTERM or SIGINT,
 its exit code passed on, and every exited child reaped."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ class Supervisor:
 
     def start(self, command: list[str], environment: dict[str, str]) -> None:
         # Its own process group: whatever the frontend leaves behind can be killed with it at the end.
-        self.process = subprocess.Popen(command, env=environment, cwd=self.settings.tmp_dir, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=environment, cwd=self.settings.tmp_dir, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def signal(self, signum: int) -> None:
         """Forward a stop signal to TorchServe (its shutdown hook stops the workers); kill it if it outlasts

@@ -4,6 +4,7 @@ version to roll out, to see the rollout fail and roll back.
 
     python k8s/kind/damage_archive.py artifacts/model-store/mnist.mar /tmp/no-model.mar
 """
+
 from __future__ import annotations
 
 import argparse

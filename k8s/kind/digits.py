@@ -10,6 +10,7 @@ With --json, the counts also go to FILE, for the smoke test's summary:
     {"forms": {"PNG body": {"asked": 20, "answered": 20, "right": 20}, ...}, "asked": N, "answered": N, "right": N,
      "misses_allowed_per_form": 1}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         "JPEG body": [(encoded(image, "JPEG"), "image/jpeg") for image in images],
         "BMP body": [(encoded(image, "BMP"), "application/octet-stream") for image in images],
         "JSON pixel array": [(json.dumps(image.tolist()).encode(), "application/json") for image in images],
-        'JSON {"data": base64 PNG}': [(json.dumps({"data": base64.b64encode(encoded(image)).decode()}).encode(),
-                                       "application/json") for image in images],
+        'JSON {"data": base64 PNG}': [
+            (json.dumps({"data": base64.b64encode(encoded(image)).decode()}).encode(), "application/json")
+            for image in images
+        ],
     }
     failures = []
     counts = {}
@@ -70,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(form: str, answers: list, labels: list[int], counts: dict) -> list[str]:
     """Prints the form's line and adds its counts to `counts`; returns its failure, if any."""
-    misses = [(n, answer, label) for n, (answer, label) in enumerate(zip(answers, labels)) if answer != label]
+    misses = [
+        (n, answer, label) for n, (answer, label) in enumerate(zip(answers, labels, strict=False)) if answer != label
+    ]
     right = len(answers) - len(misses)
     answered = sum(isinstance(answer, int) for answer in answers)
     counts[form] = {"asked": len(labels), "answered": answered, "right": right}

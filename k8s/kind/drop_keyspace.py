@@ -4,6 +4,7 @@ first, so that each run publishes versions 1, 2 and 3 anew and the pods find exa
 
     python k8s/kind/drop_keyspace.py mnist_kind_smoke
 """
+
 from __future__ import annotations
 
 import argparse

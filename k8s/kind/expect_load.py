@@ -3,6 +3,7 @@ Prints each miss on stderr and exits 1; prints nothing and exits 0 when the run 
 
     python k8s/kind/expect_load.py '{"requests": 2641, "failed": 0, ...}' --no-losses --versions 1 2 --share 1 0.1 0.6
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("summary", help="load.py's last line")
     parser.add_argument("--no-losses", action="store_true", help="no request failed and none was dropped")
-    parser.add_argument("--versions", nargs="+", metavar="VERSION",
-                        help="the model versions that answered: exactly these")
-    parser.add_argument("--share", nargs=3, metavar=("VERSION", "LOW", "HIGH"),
-                        help="VERSION answered between LOW and HIGH (fractions) of the right answers")
+    parser.add_argument(
+        "--versions", nargs="+", metavar="VERSION", help="the model versions that answered: exactly these"
+    )
+    parser.add_argument(
+        "--share",
+        nargs=3,
+        metavar=("VERSION", "LOW", "HIGH"),
+        help="VERSION answered between LOW and HIGH (fractions) of the right answers",
+    )
     args = parser.parse_args(argv)
     misses = judge(args.summary, args.no_losses, args.versions, args.share)
     for miss in misses:

@@ -16,6 +16,7 @@ which must get its right answer; a line for each, then one JSON line,
 
 and exits 1 if any is not as it must be.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,17 +96,24 @@ def main() -> None:
         if time.monotonic() >= next_report:
             next_report += 10
             with lock:
-                print(f"{time.monotonic() - start:5.0f} s: {counts['requests']} requests, {counts['failed']} failed, "
-                      f"{counts['dropped']} dropped", flush=True)
+                print(
+                    f"{time.monotonic() - start:5.0f} s: {counts['requests']} requests, {counts['failed']} failed, "
+                    f"{counts['dropped']} dropped",
+                    flush=True,
+                )
     done.set()
     for thread in threads:
         thread.join(args.timeout + 1)
     now = time.monotonic()
     with lock:
         summary = {
-            "requests": counts["requests"], "answered": counts["answered"], "failed": counts["failed"],
-            "dropped": counts["dropped"], "seconds": round(now - start, 1),
-            "longest_gap_s": round(max(state["longest_gap"], now - state["last_right"]), 2), "versions": dict(versions),
+            "requests": counts["requests"],
+            "answered": counts["answered"],
+            "failed": counts["failed"],
+            "dropped": counts["dropped"],
+            "seconds": round(now - start, 1),
+            "longest_gap_s": round(max(state["longest_gap"], now - state["last_right"]), 2),
+            "versions": dict(versions),
             "errors": dict(errors),
         }
     print(json.dumps(summary), flush=True)
@@ -152,8 +160,12 @@ def check_bad_bodies(url: str, digit: dict, timeout: float) -> int:
         print(f"{'ok' if right else 'FAIL'}: {name}: HTTP {status}, {str(answer.get('error', answer))[:100]}")
     digit_after = right_answer(url, good, digit["label"], timeout)
     print(f"{'ok' if digit_after else 'FAIL'}: then the test digit: {'' if digit_after else 'not '}read right")
-    print(json.dumps({"statuses": statuses, "refused_with_a_reason": refused, "malformed": len(bad),
-                      "digit_after": digit_after}), flush=True)
+    print(
+        json.dumps(
+            {"statuses": statuses, "refused_with_a_reason": refused, "malformed": len(bad), "digit_after": digit_after}
+        ),
+        flush=True,
+    )
     return 0 if refused == len(bad) and digit_after else 1
 
 

@@ -5,6 +5,7 @@ within seconds of the pod's start, so one refusal is not yet a verdict. The serv
 
     python3 ping.py --url http://mnist-serve:8080/ping --seconds 20
 """
+
 from __future__ import annotations
 
 import argparse

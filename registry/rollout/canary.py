@@ -1,12 +1,24 @@
 """The canary: NAME-canary, a copy of NAME's pods on another version behind the same Service, started and
 checked like a rollout, then promoted (the stable Deployment rolled to its version) or aborted."""
+
 from __future__ import annotations
 
 import time
 
 from registry.rollout.check import check_pod
-from registry.rollout.deployment import (CONTAINER, POLL_S, TRACK, Place, Report, env_value, find, read, selector_of,
-                                         version_annotations, wait_rolled_out)
+from registry.rollout.deployment import (
+    CONTAINER,
+    POLL_S,
+    TRACK,
+    Place,
+    Report,
+    env_value,
+    find,
+    read,
+    selector_of,
+    version_annotations,
+    wait_rolled_out,
+)
 from registry.rollout.errors import RolloutError, RolloutFailed
 from registry.rollout.kube import api_error, clients
 from registry.rollout.roll import promote, serving_version
@@ -28,19 +40,27 @@ def canary_spec(stable, version: ModelVersion, replicas: int) -> dict:
     spec["replicas"] = replicas
     spec["selector"]["matchLabels"][TRACK] = "canary"
     spec["template"]["metadata"].setdefault("labels", {})[TRACK] = "canary"
-    spec["template"]["metadata"]["annotations"] = {**(spec["template"]["metadata"].get("annotations") or {}),
-                                                  **version_annotations(version)}
+    spec["template"]["metadata"]["annotations"] = {
+        **(spec["template"]["metadata"].get("annotations") or {}),
+        **version_annotations(version),
+    }
     for container in spec["template"]["spec"]["containers"]:
         if container["name"] == CONTAINER:
-            container["env"] = [item for item in container.get("env", []) if item["name"] != "MODEL_VERSION"] + \
-                [{"name": "MODEL_VERSION", "value": version.version}]
+            container["env"] = [item for item in container.get("env", []) if item["name"] != "MODEL_VERSION"] + [
+                {"name": "MODEL_VERSION", "value": version.version}
+            ]
     spec.pop("revisionHistoryLimit", None)
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "spec": spec,
-            "metadata": {"name": name, "namespace": stable.metadata.namespace, "labels": {**labels, TRACK: "canary"}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "spec": spec,
+        "metadata": {"name": name, "namespace": stable.metadata.namespace, "labels": {**labels, TRACK: "canary"}},
+    }
 
 
-def canary_start(registry: Registry, name: str, place: Place, replicas: int, timeout: float,
-                 report: Report) -> ModelVersion:
+def canary_start(
+    registry: Registry, name: str, place: Place, replicas: int, timeout: float, report: Report
+) -> ModelVersion:
     """A canary of a version beside the Deployment, checked like a rollout; removed again when it fails."""
     from kubernetes.client.exceptions import ApiException
 
@@ -55,18 +75,23 @@ def canary_start(registry: Registry, name: str, place: Place, replicas: int, tim
         apps.create_namespaced_deployment(place.namespace, canary_spec(stable, version, replicas))
     except ApiException as error:
         raise RolloutError(f"cannot create {canary}: {api_error(error)}") from None
-    report(f"canary: {canary}, {replicas} pod{'s' if replicas != 1 else ''} of version {version.version} beside "
-           f"{stable.spec.replicas} of {place.name}")
+    report(
+        f"canary: {canary}, {replicas} pod{'s' if replicas != 1 else ''} of version {version.version} beside "
+        f"{stable.spec.replicas} of {place.name}"
+    )
     began = time.monotonic()
     try:
         for pod in wait_rolled_out(apps, core, canary, began + timeout, report):
             report(f"  pod {pod.metadata.name}: {check_pod(core, pod, version)}")
     except RolloutFailed as failure:
         delete_canary(apps, core, canary, time.monotonic() + timeout, report)
-        raise RolloutError(f"canary of version {version.version} failed ({failure}); removed, "
-                           f"{place} is unchanged") from None
-    report(f"canary: ready in {time.monotonic() - began:.0f} s; the Service now sends it about "
-           f"{replicas / (replicas + stable.spec.replicas):.0%} of the requests (its share of the pods)")
+        raise RolloutError(
+            f"canary of version {version.version} failed ({failure}); removed, {place} is unchanged"
+        ) from None
+    report(
+        f"canary: ready in {time.monotonic() - began:.0f} s; the Service now sends it about "
+        f"{replicas / (replicas + stable.spec.replicas):.0%} of the requests (its share of the pods)"
+    )
     return version
 
 

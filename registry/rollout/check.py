@@ -1,5 +1,6 @@
 """The check of real predictions: the first 100 MNIST test digits through one pod, whose answers must name the
 version and its archive checksum and read enough digits right."""
+
 from __future__ import annotations
 
 import http.client
@@ -30,7 +31,7 @@ def check_pod(core, pod, version: ModelVersion) -> str:
     minimum = (version.test_accuracy - ACCURACY_MARGIN) if version.test_accuracy is not None else DEFAULT_ACCURACY
     read_right = 0
     for start in range(0, len(images), PER_REQUEST):
-        chunk = images[start:start + PER_REQUEST]
+        chunk = images[start : start + PER_REQUEST]
         body = json.dumps({"instances": chunk.tolist()}).encode()
         try:
             status, headers, answer = pod_request(core, pod, "/predictions/mnist", body)
@@ -43,17 +44,21 @@ def check_pod(core, pod, version: ModelVersion) -> str:
             digits = [int(item["digit"]) for item in parsed["predictions"]]
             served = parsed["model"]
         except (ValueError, KeyError, TypeError):
-            raise RolloutFailed(f"pod {pod.metadata.name} answered in another shape: "
-                                f"{answer[:200].decode(errors='replace')}") from None
+            raise RolloutFailed(
+                f"pod {pod.metadata.name} answered in another shape: {answer[:200].decode(errors='replace')}"
+            ) from None
         if len(digits) != len(chunk):
             raise RolloutFailed(f"pod {pod.metadata.name} answered {len(digits)} predictions for {len(chunk)} images")
         said = (served.get("version"), served.get("sha256"), headers.get("x-model-version"))
         if said != (version.version, version.short_sha256, version.version):
-            raise RolloutFailed(f"pod {pod.metadata.name} serves version {said[0]} (sha256 {said[1]}), "
-                                f"not {version.version}")
-        read_right += int(np.sum(np.array(digits) == labels[start:start + PER_REQUEST]))
+            raise RolloutFailed(
+                f"pod {pod.metadata.name} serves version {said[0]} (sha256 {said[1]}), not {version.version}"
+            )
+        read_right += int(np.sum(np.array(digits) == labels[start : start + PER_REQUEST]))
     accuracy = read_right / len(images)
     if accuracy < minimum:
-        raise RolloutFailed(f"pod {pod.metadata.name} read {accuracy:.0%} of {len(images)} test digits right, "
-                            f"below {minimum:.1%} (the version's test accuracy less {ACCURACY_MARGIN:.0%})")
+        raise RolloutFailed(
+            f"pod {pod.metadata.name} read {accuracy:.0%} of {len(images)} test digits right, "
+            f"below {minimum:.1%} (the version's test accuracy less {ACCURACY_MARGIN:.0%})"
+        )
     return f"{read_right}/{len(images)} test digits right, version {version.version} sha256 {version.short_sha256}"

@@ -1,10 +1,11 @@
 """The Deployment a rollout changes: where it is, its serving container, the pin of its pods to a version, its
 current pods and their state in words, and the wait until a rollout of it is done."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from registry.rollout.errors import RolloutError, RolloutFailed
 from registry.rollout.kube import api_error
@@ -22,6 +23,7 @@ Report = Callable[[str], None]
 @dataclass(frozen=True)
 class Place:
     """Where a Deployment is."""
+
     name: str
     namespace: str
 
@@ -34,8 +36,9 @@ def container_of(deployment):
     for container in deployment.spec.template.spec.containers:
         if container.name == CONTAINER:
             return container
-    raise RolloutError(f"deployment/{deployment.metadata.name} has no container {CONTAINER!r}: "
-                       "not a mnist-serve Deployment")
+    raise RolloutError(
+        f"deployment/{deployment.metadata.name} has no container {CONTAINER!r}: not a mnist-serve Deployment"
+    )
 
 
 def env_value(deployment, name: str) -> str | None:
@@ -49,10 +52,16 @@ def version_annotations(version: ModelVersion) -> dict:
 
 def pin(version: ModelVersion) -> dict:
     """The pod-template patch that pins the pods to VERSION (a strategic merge: the env entry by name)."""
-    return {"spec": {"template": {
-        "metadata": {"annotations": version_annotations(version)},
-        "spec": {"containers": [{"name": CONTAINER, "env": [{"name": "MODEL_VERSION", "value": version.version}]}]},
-    }}}
+    return {
+        "spec": {
+            "template": {
+                "metadata": {"annotations": version_annotations(version)},
+                "spec": {
+                    "containers": [{"name": CONTAINER, "env": [{"name": "MODEL_VERSION", "value": version.version}]}]
+                },
+            }
+        }
+    }
 
 
 def read(apps, place: Place):
@@ -89,8 +98,9 @@ def new_pods(apps, core, deployment) -> list:
     revision = (deployment.metadata.annotations or {}).get("deployment.kubernetes.io/revision")
     sets = apps.list_namespaced_replica_set(namespace, label_selector=selector_of(deployment, False)).items
     owned = [rs for rs in sets if any(ref.uid == deployment.metadata.uid for ref in rs.metadata.owner_references or [])]
-    current = [rs for rs in owned
-               if (rs.metadata.annotations or {}).get("deployment.kubernetes.io/revision") == revision]
+    current = [
+        rs for rs in owned if (rs.metadata.annotations or {}).get("deployment.kubernetes.io/revision") == revision
+    ]
     if not current:
         return []
     template_hash = current[0].metadata.labels.get("pod-template-hash")
@@ -137,6 +147,8 @@ def wait_rolled_out(apps, core, place: Place, deadline: float, report: Report) -
         if all((count or 0) == wanted for count in counts):
             return pods
         if time.monotonic() > deadline:
-            raise RolloutFailed(f"not rolled out in time: {status.updated_replicas or 0} of {wanted} pods updated, "
-                                f"{status.ready_replicas or 0} ready")
+            raise RolloutFailed(
+                f"not rolled out in time: {status.updated_replicas or 0} of {wanted} pods updated, "
+                f"{status.ready_replicas or 0} ready"
+            )
         time.sleep(POLL_S)

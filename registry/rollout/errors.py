@@ -1,4 +1,5 @@
 """What a rollout raises: a failure the command reports, and a failure of the new version that is then undone."""
+
 from registry.store import RegistryError
 
 

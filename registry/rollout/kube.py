@@ -1,4 +1,5 @@
 """Talking to the cluster: the credentials, the namespace when none is given, and an API error in one line."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """HTTP to one pod through a port-forward: the API server carries it, so neither the Service nor the
 NetworkPolicy is in the way, and the answer is that pod's own."""
+
 from __future__ import annotations
 
 import http.client
@@ -9,8 +10,9 @@ def pod_request(core, pod, path: str, body: bytes | None, port: int = 8080) -> t
     """POST BODY (JSON) to PATH on PORT of the pod, or GET it when BODY is None: (status, headers, body)."""
     from kubernetes.stream import portforward
 
-    forward = portforward(core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace,
-                          ports=str(port))
+    forward = portforward(
+        core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace, ports=str(port)
+    )
     try:
         connection = http.client.HTTPConnection("pod", port, timeout=60)
         connection.sock = forward.socket(port)

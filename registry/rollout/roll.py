@@ -1,5 +1,6 @@
 """A Deployment rolled onto a registry version and checked pod by pod; `promote --rollout` moves an alias with it
 and puts both back when the new version fails."""
+
 from __future__ import annotations
 
 import time
@@ -24,16 +25,20 @@ def roll(apps, core, place: Place, version: ModelVersion, timeout: float, report
     if check:
         for pod in pods:
             report(f"  pod {pod.metadata.name}: {check_pod(core, pod, version)}")
-    report(f"{place}: {len(pods)} pod{'s' if len(pods) != 1 else ''} on version {version.version} "
-           f"in {time.monotonic() - began:.0f} s")
+    report(
+        f"{place}: {len(pods)} pod{'s' if len(pods) != 1 else ''} on version {version.version} "
+        f"in {time.monotonic() - began:.0f} s"
+    )
 
 
 def serving_version(registry: Registry, deployment) -> ModelVersion | None:
     """The version the Deployment's pods serve now: what its MODEL_VERSION names (a version or an alias)."""
     if env_value(deployment, "MODEL_SOURCE") == "image":
-        raise RolloutError(f"deployment/{deployment.metadata.name} serves the model built into its image "
-                           "(MODEL_SOURCE=image); install the chart with model.source=registry to roll out "
-                           "registry versions")
+        raise RolloutError(
+            f"deployment/{deployment.metadata.name} serves the model built into its image "
+            "(MODEL_SOURCE=image); install the chart with model.source=registry to roll out "
+            "registry versions"
+        )
     pinned = env_value(deployment, "MODEL_VERSION") or "production"
     try:
         return registry.get(pinned)
@@ -56,17 +61,23 @@ def promote(registry: Registry, name: str, alias: str, place: Place, timeout: fl
         report(f"version {version.version} failed: {failure}; rolling back")
         undo_alias(registry, alias, before)
         if previous is None:
-            raise RolloutError(f"version {version.version} failed: {failure}; alias {alias} is back on "
-                               f"{before or 'nothing'}, but {place} served no registry version before, "
-                               "so it was left as it is") from None
+            raise RolloutError(
+                f"version {version.version} failed: {failure}; alias {alias} is back on "
+                f"{before or 'nothing'}, but {place} served no registry version before, "
+                "so it was left as it is"
+            ) from None
         try:
             roll(apps, core, place, previous, timeout, report, check=False)
         except RolloutFailed as again:
-            raise RolloutError(f"version {version.version} failed ({failure}); alias {alias} is back on "
-                               f"{before or 'nothing'}, but rolling {place} back to version {previous.version} "
-                               f"failed too: {again}") from None
-        raise RolloutError(f"version {version.version} failed ({failure}); rolled back: {place} and alias {alias} "
-                           f"are on version {previous.version} again") from None
+            raise RolloutError(
+                f"version {version.version} failed ({failure}); alias {alias} is back on "
+                f"{before or 'nothing'}, but rolling {place} back to version {previous.version} "
+                f"failed too: {again}"
+            ) from None
+        raise RolloutError(
+            f"version {version.version} failed ({failure}); rolled back: {place} and alias {alias} "
+            f"are on version {previous.version} again"
+        ) from None
 
 
 def undo_alias(registry: Registry, alias: str, before: str | None) -> None:

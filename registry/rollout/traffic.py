@@ -1,5 +1,6 @@
 """Which version answers how much: each ready pod's own request counter, summed per version it is pinned to,
 over the Deployment and its canary (`canary status`)."""
+
 from __future__ import annotations
 
 import re
@@ -35,5 +36,7 @@ def canary_status(place: Place, report: Report) -> None:
     total = sum(answered for _, answered in counts.values()) or 1
     pods_total = sum(pods for pods, _ in counts.values()) or 1
     for version, (pods, answered) in sorted(counts.items()):
-        report(f"version {version}: {pods} pod{'s' if pods != 1 else ''} ({pods / pods_total:.0%} of the pods), "
-               f"{answered:,} requests answered since they started ({answered / total:.0%})")
+        report(
+            f"version {version}: {pods} pod{'s' if pods != 1 else ''} ({pods / pods_total:.0%} of the pods), "
+            f"{answered:,} requests answered since they started ({answered / total:.0%})"
+        )

@@ -1,4 +1,5 @@
 """helm test: post a known MNIST digit (a 28x28 pixel array) to the release's Service and check the answer."""
+
 import json
 import os
 import sys
