@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from strokes import digit_strokes
 
 from handler.mnist_handler import SHA256_SHOWN
-from handler.server import Server, ServerError, cors_properties, served_model, start_torchserve, stop
+from handler.server import Server, ServerError, cors_properties, served_model_environment, start_torchserve, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -198,7 +198,7 @@ def test_the_browsers_preflight_is_answered_for_the_page_origin(server, page):
 
 def test_test_digits_drawn_as_strokes_are_read_right(draw_page, digits, archive, tmp_path_factory):
     images, labels = digits
-    served = served_model(archive)
+    served = served_model_environment(archive)
     right, wrong, started = 0, [], time.monotonic()
     for number, (image, label) in enumerate(zip(images[:DRAWN], labels[:DRAWN], strict=True)):
         shown = draw_page.draw_and_read(image, POINTERS[number % len(POINTERS)])
