@@ -88,8 +88,8 @@ serve: $(MAR) ## serve it with TorchServe in the foreground: POST http://127.0.0
 ui: ## the draw-a-digit page for the server (make serve, or a cluster's port-forward: API=URL), at http://127.0.0.1:8088
 	$(PYTHON) scripts/ui_server.py --port $(UI_PORT) --api $(API)
 
-predict: venv ## print the digit the running server reads in IMAGE: make predict IMAGE=digit.png
-	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/digit.png" >&2; exit 2; }
+predict: venv ## print the digit the running server reads in IMAGE: make predict IMAGE=samples/digit-7.png
+	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/digit.png (e.g. samples/digit-7.png)" >&2; exit 2; }
 	$(PY) -m handler.client $(IMAGE)
 
 bench-serve: $(MAR) ## load-test the server (wrk, 1/16/64 connections) against in-process TorchScript
