@@ -27,7 +27,7 @@ def test_normalisation_matches_training_statistics():
 
 
 def test_model_stays_small():
-    """Serving throughput follows FLOPs: a bigger net has to earn its place in the README."""
+    """Serving throughput follows FLOPs: a bigger net has to earn its place (docs/training.md, "Model")."""
     assert count_macs(Net()) < 1_000_000
 
 

@@ -40,7 +40,7 @@ def test_under_concurrent_mixed_traffic_each_malformed_request_gets_its_4xx_and_
     """For 10 s or more, 32 threads send one malformed body in ten (each kind soak.py mixes in, in turn) among digits
     the model reads right; bad and good requests share batches and workers, and each gets its own answer.
     Each thread keeps its connection open, as wrk and browsers do: on a connection the client closes after
-    each request, the frontend resets some over-size uploads instead of answering 413 (README, Reliability)."""
+    each request, the frontend resets some over-size uploads instead of answering 413 (docs/design-notes.md)."""
     images, labels = known
     url = urlsplit(server.url())
     bad = list(malformed(encoded(images[0])).items())
