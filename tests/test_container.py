@@ -537,7 +537,8 @@ def test_a_build_removes_the_images_it_supersedes_and_no_one_elses(engine, image
 
 def test_the_docs_docker_run_line_works_as_written(image_with_model, archive):
     """Only the image (the test's own build of it) and the host port (a free one, on loopback) are replaced."""
-    block = re.search(r"```bash\n(docker run --rm --read-only.*?)```", (ROOT / "docs/container-image.md").read_text(), re.DOTALL)
+    page = (ROOT / "docs" / "container-image.md").read_text()
+    block = re.search(r"```bash\n(docker run --rm --read-only.*?)```", page, re.DOTALL)
     command = " ".join(block.group(1).replace("\\\n", " ").split())
     assert " mnist-serve:0.1.0-cpu-model" in command and " -p 8080:8080 " in command
     port = Ports.free().inference
