@@ -163,6 +163,7 @@ def uses() -> list[Use]:
     return found
 
 
+@pytest.mark.slow  # asks every command for its --help
 def test_named_flags_exist():
     wrong = []
     for use in uses():
