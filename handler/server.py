@@ -24,13 +24,13 @@ from pathlib import Path
 
 import psutil
 
+from handler.archive import MODEL_NAME
 from registry.model_archive import manifest_of
 
 HANDLER_DIR = Path(__file__).resolve().parent
 CONFIG = HANDLER_DIR / "config.properties"
 LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per request
 METRICS_CONFIG = HANDLER_DIR / "metrics.yaml"  # what /metrics serves, the handler's ModelServed among it
-MODEL_NAME = "mnist"
 READY_TIMEOUT_S = 180.0  # JVM start, two workers importing torch and warming up; minutes on a busy machine
 STOP_TIMEOUT_S = 30.0
 # A blank 28x28 pixel array: the cheapest request that goes all the way through a worker.
