@@ -78,6 +78,7 @@ class Descendants:
             ]
 
     def command(self, process: psutil.Process) -> str:
-        """The command lines it showed, for a message."""
+        """The command lines it showed, for a message: each one's start, so a long one (a JVM's classpath, a
+        script) leaves room for the others."""
         with self._lock:
-            return " | ".join(sorted(self.commands.get(process, ())))[:300]
+            return " | ".join(command[:200] for command in sorted(self.commands.get(process, ())))
