@@ -108,13 +108,7 @@ COLUMNS = (
     "chunk_size",
     "chunk_count",
     "upload",
-    "test_accuracy",
-    "test_loss",
-    "epochs",
-    "parameters",
-    "data_fingerprint",
-    "git_commit",
-    "torch_version",
+    *REQUIRED_METRICS,  # a column each, so a version lists and compares without parsing its metrics
     "metrics",
 )
 
