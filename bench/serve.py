@@ -30,7 +30,7 @@ from handler import inputs
 from handler.archive import MODEL_CONFIG, MODEL_NAME
 from handler.client import encoded
 from handler.mnist_handler import answer
-from handler.server import CONFIG, Ports, Server, start_torchserve, stop
+from handler.server import CONFIG, DEFAULT_ARCHIVE, Ports, Server, start_torchserve, stop
 from registry.model_archive import manifest_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--archive",
         type=Path,
-        default=Path("artifacts/model-store/mnist.mar"),
+        default=DEFAULT_ARCHIVE,
         help="model archive (default: %(default)s)",
     )
     parser.add_argument(

@@ -36,7 +36,7 @@ from pathlib import Path
 from bench.big_archive import big_archive
 from bench.serve import MemoryPeaks, digit_images, load_line, verdict, write_pngs
 from handler.client import encoded
-from handler.server import Ports, Server, start_torchserve
+from handler.server import DEFAULT_ARCHIVE, Ports, Server, start_torchserve
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--archive",
         type=Path,
-        default=Path("artifacts/model-store/mnist.mar"),
+        default=DEFAULT_ARCHIVE,
         help="model archive (default: %(default)s)",
     )
     parser.add_argument(

@@ -33,6 +33,7 @@ LOG_CONFIG = HANDLER_DIR / "log4j2.xml"  # TorchServe's own logs a few lines per
 METRICS_CONFIG = HANDLER_DIR / "metrics.yaml"  # what /metrics serves, the handler's ModelServed among it
 READY_TIMEOUT_S = 180.0  # JVM start, two workers importing torch and warming up; minutes on a busy machine
 STOP_TIMEOUT_S = 30.0
+DEFAULT_ARCHIVE = Path("artifacts/model-store/mnist.mar")  # where make archive writes it
 # A blank 28x28 pixel array: the cheapest request that goes all the way through a worker.
 PROBE = json.dumps([0] * 784).encode()
 # The draw-a-digit page (ui/, `make ui`) is served from another origin than the predictions, and TorchServe
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--archive",
         type=Path,
-        default=Path("artifacts/model-store/mnist.mar"),
+        default=DEFAULT_ARCHIVE,
         help="model archive (default: %(default)s; make archive builds it)",
     )
     parser.add_argument(
