@@ -60,7 +60,7 @@ train-db: venv cassandra-up ## train from the database, with checkpoints in it
 	$(PY) -m training train --source cassandra --checkpoints cassandra --out $(ARTIFACTS) $(TRAIN_FLAGS)
 
 predict-table: venv cassandra-up ## score raw_predict rows with the production model into the predictions table
-	$(PY) -m training predict-table --model production
+	$(PY) -m training predict-table --version production
 
 bench-db: venv cassandra-up ## load and read figures, our layout against the notebook's, beside the targets
 	$(PY) -m training bench-db
@@ -73,8 +73,10 @@ MODEL_STORE := $(ARTIFACTS)/model-store
 MAR := $(MODEL_STORE)/mnist.mar
 ARCHIVED := handler/mnist_handler.py handler/inputs.py handler/index_to_name.json handler/model-config.yaml handler/archive.py
 
-# No prerequisites: trains only when there is no model (`make train` retrains on purpose).
+# No prerequisites: trains only when there is no model (`make train` retrains on purpose), and says so first.
 $(ARTIFACTS)/model.pt:
+	@echo "make: no $@ yet, so training one first (make train; a few minutes on 2 cores)." \
+	  "To serve an archive you have instead: make serve ARCHIVE=artifacts/demo/model-store/mnist.mar" >&2
 	$(MAKE) --no-print-directory train
 
 $(MAR): $(ARTIFACTS)/model.pt $(ARCHIVED) | $(VENV)/.installed
@@ -82,8 +84,11 @@ $(MAR): $(ARTIFACTS)/model.pt $(ARCHIVED) | $(VENV)/.installed
 
 archive: $(MAR) ## build artifacts/model-store/mnist.mar (trains first only if artifacts/model.pt is missing)
 
-serve: $(MAR) ## serve it with TorchServe in the foreground: POST http://127.0.0.1:8080/predictions/mnist
-	$(PY) -m handler.server --archive $(MAR) --logs $(ARTIFACTS)/logs --allow-origin http://127.0.0.1:$(UI_PORT)
+# ARCHIVE: serve that .mar (the demo's, a downloaded version) as it is, with nothing built or trained.
+ARCHIVE ?=
+
+serve: venv $(if $(ARCHIVE),,$(MAR)) ## serve artifacts/model-store/mnist.mar (or ARCHIVE=FILE.mar) with TorchServe in the foreground on 127.0.0.1:8080
+	$(PY) -m handler.server --archive $(or $(ARCHIVE),$(MAR)) --logs $(ARTIFACTS)/logs --allow-origin http://127.0.0.1:$(UI_PORT)
 
 ui: ## the draw-a-digit page for the server (make serve, or a cluster's port-forward: API=URL), at http://127.0.0.1:8088
 	$(PYTHON) scripts/ui_server.py --port $(UI_PORT) --api $(API)

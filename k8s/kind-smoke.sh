@@ -139,7 +139,7 @@ spec:
 EOF
 }
 start_load() { # start_load NAME: k8s/kind/load.py's load loop in a pod, back once it counts (a right answer)
-  client_pod "$1" allowed load.py --url "http://$RELEASE:8080/predictions/mnist" --digit /clients/test-digit.json
+  client_pod "$1" allowed load.py --url "http://$RELEASE:8080/predictions/mnist" --digit /clients/digit-7.json --label 7
   k wait --for=condition=Ready "pod/$1" --timeout 2m >/dev/null
   until k logs "$1" | grep "^counting" >/dev/null; do
     [[ "$(k get pod "$1" -o jsonpath='{.status.phase}')" == Running ]] || { k logs "$1" >&2; fail "the load pod $1 stopped"; }
@@ -280,7 +280,7 @@ EOF
   helm install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --create-namespace "${values[@]}" --wait --timeout 10m
   k rollout status "deployment/$RELEASE" --timeout 5m
   k create configmap smoke-clients --from-file="$HERE/load.py" --from-file="$HERE/ping.py" \
-    --from-file="$CHART/files/test-digit.json" >/dev/null
+    --from-file="$CHART/files/digit-7.json" >/dev/null
 }
 
 digits() { # real test digits in every input form, through a port-forward (k8s/kind/digits.py)
@@ -299,7 +299,7 @@ digits() { # real test digits in every input form, through a port-forward (k8s/k
 
 malformed_bodies() { # through the Service, then a digit (from a pod: a port-forward gives up on a reset)
   client_pod bad-bodies allowed load.py --url "http://$RELEASE:8080/predictions/mnist" \
-    --digit /clients/test-digit.json --bad-bodies
+    --digit /clients/digit-7.json --label 7 --bad-bodies
   if ! k wait --for=jsonpath='{.status.phase}'=Succeeded pod/bad-bodies --timeout 2m >/dev/null; then
     k logs bad-bodies >&2
     fail "malformed bodies were not refused as they should be"
@@ -405,12 +405,12 @@ KUBECONFIG
   echo "ok: $RELEASE-rollout may patch deployment/$RELEASE; the serving pods' account ($RELEASE) may not"
 }
 
-rollouts_under_load() { # production -> 1, then -> 2 under load (mnist-registry promote --rollout)
+rollouts_under_load() { # production -> 1, then -> 2 under load (mnist-registry promote --deployment)
   start_load load-rollout
   local version began load
   for version in 1 2; do
     began=$SECONDS
-    registry_as_rollout promote "$version" --alias production --rollout "deployment/$RELEASE" --timeout 300
+    registry_as_rollout promote "$version" --alias production --deployment "deployment/$RELEASE" --timeout 300
     echo "  rolled out version $version in $((SECONDS - began)) s"
     figure "version_${version}_s" $((SECONDS - began))
   done
@@ -428,7 +428,7 @@ failed_rollout() { # a version that does not load is rolled out, and rolled back
   start_load load-bad
   local began=$SECONDS load refusal shown production
   local expected="^error: version 3 failed \(.*does not load.*\); rolled back: deployment/$RELEASE in $NAMESPACE and alias production are on version 2 again$"
-  if registry_as_rollout promote 3 --alias production --rollout "deployment/$RELEASE" --timeout 300 >"$OUT/failed-rollout.log" 2>&1; then
+  if registry_as_rollout promote 3 --alias production --deployment "deployment/$RELEASE" --timeout 300 >"$OUT/failed-rollout.log" 2>&1; then
     cat "$OUT/failed-rollout.log"
     fail "the rollout of a version that does not load succeeded"
   fi

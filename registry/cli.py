@@ -1,5 +1,5 @@
 """mnist-registry: publish, list, show, download, promote and delete model archives in Cassandra; roll a
-Kubernetes Deployment to a version (promote --rollout) and run canaries (canary)."""
+Kubernetes Deployment to a version (promote --deployment) and run canaries (canary)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def download(registry: Registry, args: argparse.Namespace) -> None:
 
 
 def promote(registry: Registry, args: argparse.Namespace) -> None:
-    if args.rollout:
+    if args.deployment:
         from registry.rollout import roll
 
         version = roll.promote(registry, args.version, args.alias, place(args), args.timeout, say)
@@ -113,8 +113,8 @@ def canary(registry: Registry | None, args: argparse.Namespace) -> None:
 
 
 def deployment_name(args: argparse.Namespace) -> str | None:
-    """NAME of --rollout / --deployment (deployment/NAME or NAME); None without one."""
-    given = args.rollout if args.command == "promote" else getattr(args, "deployment", None)
+    """NAME of --deployment (deployment/NAME or NAME); None without one."""
+    given = getattr(args, "deployment", None)
     if not given:
         return None
     kind, _, name = given.rpartition("/")
@@ -124,7 +124,7 @@ def deployment_name(args: argparse.Namespace) -> str | None:
 
 
 def place(args: argparse.Namespace):
-    """The Deployment of --rollout / --deployment in --namespace."""
+    """The Deployment of --deployment in --namespace."""
     from registry.rollout.deployment import Place
     from registry.rollout.kube import default_namespace
 
@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
         "promote",
         promote,
         "point an alias (e.g. production) at a version, and roll a Deployment to it",
-        "Point an alias at a version; download and predict-table accept the alias. With --rollout, also pin the "
+        "Point an alias at a version; download and predict-table accept the alias. With --deployment, also pin the "
         "Deployment's pods to that version, follow the rollout a line per pod, and check every new pod with real test "
         "digits (the answers must name the version; accuracy at least the version's test accuracy less 2 points). "
         "A pod that fails, the deadline or a failed check puts the Deployment and the alias back on the version served "
@@ -221,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("version", metavar="VERSION|ALIAS")
     p.add_argument("--alias", default="production", help="alias name (default: production)")
-    add_cluster_options(p, "--rollout", "deployment/NAME: also roll this Deployment of the chart to the version")
+    add_cluster_options(p, "deployment/NAME: also roll this Deployment of the chart to the version")
 
     p = command(
         "canary",
@@ -231,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
         "(checked "
         "like a rollout; the traffic splits by pod count). status: per version, its pods and the requests they "
         "answered "
-        "(each pod's Prometheus counter). promote: roll NAME to the canary's version (as promote --rollout), then "
+        "(each pod's Prometheus counter). promote: roll NAME to the canary's version (as promote --deployment), then "
         "remove "
         "the canary. abort: remove the canary.",
     )
@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", metavar="VERSION|ALIAS", help="with start: the version to try")
     p.add_argument("--alias", default="production", help="with promote: the alias to move (default: production)")
     p.add_argument("--replicas", type=int, default=1, help="with start: canary pods (default: 1)")
-    add_cluster_options(p, "--deployment", "deployment/NAME of the chart (the stable one)", required=True)
+    add_cluster_options(p, "deployment/NAME of the chart (the stable one)", required=True)
 
     p = command(
         "delete",
@@ -253,8 +253,8 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def add_cluster_options(p: argparse.ArgumentParser, flag: str, help: str, required: bool = False) -> None:
-    p.add_argument(flag, metavar="deployment/NAME", required=required, help=help)
+def add_cluster_options(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    p.add_argument("--deployment", metavar="deployment/NAME", required=required, help=help)
     p.add_argument("-n", "--namespace", help="its namespace (default: the kubeconfig context's, or the pod's own)")
     p.add_argument(
         "--timeout",

@@ -28,7 +28,8 @@ from training.config import cache_dir
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "mnist-serve"
 KUBE_VERSION = "1.36.0"
-DIGIT = json.loads((CHART / "files" / "test-digit.json").read_text())
+TEST_DIGIT = CHART / "files" / "digit-7.json"  # the helm test's digit, as the API takes it
+TEST_DIGIT_LABEL = 7
 FIRST_ANSWER_TARGET_S = 10.0  # issue: first answered prediction <= 10 s after start on 2 cores
 ANSWER_AFTER_PROBE_S = 1.0  # once the startup probe passes, a prediction is answered within this
 POLL_S = 0.1
@@ -190,9 +191,7 @@ class Container:
 
 def predict(url: str, timeout: float) -> tuple[int, dict]:
     """(HTTP status, JSON answer) of the chart's test digit; status 0 when nothing answered in time."""
-    request = urllib.request.Request(
-        url, data=json.dumps(DIGIT["pixels"]).encode(), headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=TEST_DIGIT.read_bytes(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, json.load(answer)

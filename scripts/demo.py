@@ -438,7 +438,7 @@ def as_json(document) -> tuple[bytes, str]:
     return json.dumps(document).encode(), "application/json"
 
 
-# One request per digit in each of these forms (README, Serving, Requests) ...
+# One request per digit in each of these forms (docs/api.md) ...
 SINGLE = {
     "PNG body, image/png": lambda image: (encoded(image), "image/png"),
     "JPEG body, octet-stream": lambda image: (encoded(image, "JPEG"), "application/octet-stream"),
@@ -551,6 +551,7 @@ def print_summary(demo: Demo, result: dict, seconds: float) -> None:
             f"version {result['version']} is {ALIAS} in {demo.settings.where()} (mnist-registry show {ALIAS})",
         ),
         ("logs", f"{shown(demo.logs)}/, TorchServe's in {shown(demo.serve_dir / 'logs')}/"),
+        ("serve it again", f"make serve ARCHIVE={shown(demo.store / 'mnist.mar')} (nothing retrained)"),
     ):
         print(f"  {label + ':':<18}{value}")
     print(f"  {'; '.join(result['stopped'])}")

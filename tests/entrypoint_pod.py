@@ -21,7 +21,8 @@ from image_env import ROOT, image_venv
 from handler.server import Ports, config_with_ports
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.py"
-DIGIT = json.loads((ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json").read_text())
+TEST_DIGIT = ROOT / "charts" / "mnist-serve" / "files" / "digit-7.json"  # the helm test's, as the API takes it
+TEST_DIGIT_LABEL = 7
 READY_S = 300.0  # JVM, two workers importing torch, warm-up; minutes on a busy 2-core machine
 
 
@@ -118,7 +119,7 @@ class Running:
 def post_digit(port: int) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/predictions/mnist",
-        data=json.dumps(DIGIT["pixels"]).encode(),
+        data=TEST_DIGIT.read_bytes(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as answer:

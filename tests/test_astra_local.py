@@ -128,7 +128,7 @@ def test_load_train_publish_promote_download_and_predict_as_the_writer(
     assert re.search(rf"^{way}-1 .* production$", listed.stdout, re.MULTILINE), listed.stdout
     downloaded = run(secrets, env, "registry.cli", "download", "production", "--out", str(tmp_path / "store"))
     assert downloaded.returncode == 0 and sha256(tmp_path / "store" / "mnist.mar") == sha256(archive)
-    predicted = run(secrets, env, "training", "predict-table", "--model", "production")
+    predicted = run(secrets, env, "training", "predict-table", "--version", "production")
     assert f"scored 40 rows of predict_images with model version {way}-1" in predicted.stdout, (
         predicted.stdout + predicted.stderr
     )

@@ -40,7 +40,7 @@ def test_predict_table_writes_digit_confidence_and_version_for_every_row(
     registry.publish(model_archive, read_metrics(metrics_file), "predict-1")
     registry.promote("predict-1", "predict-test")
 
-    result = run_cli(cassandra_env, "training", "predict-table", "--model", "predict-test")
+    result = run_cli(cassandra_env, "training", "predict-table", "--version", "predict-test")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("scored 1,000 rows of predict_images with model version predict-1; accuracy ")
 
@@ -55,7 +55,7 @@ def test_predict_table_writes_digit_confidence_and_version_for_every_row(
 def test_predict_table_reads_the_notebooks_raw_predict(cassandra, cassandra_env, model_archive, metrics_file, mnist):
     load(cassandra, LAYOUTS["notebook"], mnist, limit=NOTEBOOK_ROWS, predict=100)
     Registry(cassandra).publish(model_archive, read_metrics(metrics_file), "predict-2")
-    result = run_cli(cassandra_env, "training", "predict-table", "--layout", "notebook", "--model", "predict-2")
+    result = run_cli(cassandra_env, "training", "predict-table", "--layout", "notebook", "--version", "predict-2")
     assert result.returncode == 0, result.stderr
     written = predictions(cassandra, "raw_predict", "predict-2")
     digits, _ = expected_answers(model_archive, mnist.test_images[:100])
@@ -67,7 +67,7 @@ def test_an_archive_without_its_model_writes_nothing(cassandra, cassandra_env, m
     with zipfile.ZipFile(hollow, "w") as archive:
         archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"serializedFile": "model.pt"}}))
     Registry(cassandra).publish(hollow, read_metrics(metrics_file), "hollow-1")
-    result = run_cli(cassandra_env, "training", "predict-table", "--model", "hollow-1")
+    result = run_cli(cassandra_env, "training", "predict-table", "--version", "hollow-1")
     assert result.returncode == 1
     assert (
         result.stderr == "error: version hollow-1: the archive's manifest names model.pt, which is not in the archive\n"

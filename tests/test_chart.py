@@ -506,8 +506,9 @@ def test_the_helm_test_pod_posts_a_known_digit_with_a_pinned_configurable_image(
     assert container["image"] == server_container(objects)["image"]  # the serving image by default: pinned with it
     assert env_of(container)["PREDICT_URL"] == "http://mnist-serve:8080/predictions/mnist"
     files = next(o for o in objects if o["kind"] == "ConfigMap" and "helm-test.py" in o.get("data", {}))["data"]
-    digit = json.loads(files["test-digit.json"])
-    assert digit["label"] == 7 and len(digit["pixels"]) == 28 and all(len(row) == 28 for row in digit["pixels"])
+    # The digit as the API takes it, the very bytes of samples/digit-7.json, and the 7 it shows.
+    assert files["digit-7.json"].strip() == (ROOT / "samples" / "digit-7.json").read_text().strip()
+    assert env_of(container)["EXPECTED_DIGIT"] == "7"
     assert "digit" in files["helm-test.py"]
     other = one(
         render(helm, "--set", "tests.image.repository=python", "--set", "tests.image.digest=sha256:" + "a" * 64), "Pod"

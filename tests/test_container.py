@@ -27,7 +27,7 @@ from handler.server import Ports
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from container import LABEL, ChartPod, Container, docker, predict, watch_start_up  # noqa: E402
+from container import LABEL, TEST_DIGIT_LABEL, ChartPod, Container, docker, predict, watch_start_up  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -232,9 +232,7 @@ def test_ready_means_a_prediction_is_answered_within_a_second(image_with_model, 
         f"answer after it {start_up.answer_after_probe} s"
     )
     assert start_up.answer_after_probe is not None and start_up.answer_after_probe <= 1.0
-    assert (
-        start_up.answer["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
-    )
+    assert start_up.answer["digit"] == TEST_DIGIT_LABEL
 
 
 def test_serves_real_digits_locked_down_and_stops_on_sigterm(image_with_model, chart, started, digits):
@@ -553,10 +551,7 @@ def test_the_docs_docker_run_line_works_as_written(image_with_model, archive):
         while (reply := answered(f"http://127.0.0.1:{port}/predictions/mnist")) is None and time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.5)
-        assert (
-            reply is not None
-            and reply["digit"] == json.loads((ROOT / "charts/mnist-serve/files/test-digit.json").read_text())["label"]
-        )
+        assert reply is not None and reply["digit"] == TEST_DIGIT_LABEL
         process.send_signal(signal.SIGTERM)  # the docker client passes it on to the container
         assert process.wait(60) == 143
     finally:

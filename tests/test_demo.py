@@ -117,6 +117,9 @@ def test_it_writes_the_metrics_plots_and_logs_and_says_where(demo, demo_out):
     for step in ("cassandra", "load-data", "train", "archive", "publish", "promote", "serve", "predict", "stop"):
         assert (demo_out / "logs" / f"{step}.log").exists(), step
     assert "POST http://127.0.0.1:" in (demo_out / "logs" / "predict.log").read_text()  # every request and answer
+    again = re.search(r"serve it again: +make serve ARCHIVE=(\S+)", demo.output)
+    assert again and (ROOT / again[1]).resolve() == (demo_out / "model-store" / "mnist.mar").resolve(), demo.output
+    assert (ROOT / again[1]).is_file()
 
 
 @runs_the_demo

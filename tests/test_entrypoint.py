@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import LOCAL_ENV
-from entrypoint_pod import DIGIT, ENTRYPOINT, READY_S, Pod, Running, post_digit
+from entrypoint_pod import ENTRYPOINT, READY_S, TEST_DIGIT, TEST_DIGIT_LABEL, Pod, Running, post_digit
 from image_env import ROOT
 
 from handler.archive import build_archive
@@ -70,7 +70,7 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(
         assert f"registry version {version} ({alias})" in running.output
         assert sha256(pod.path("store") / "mnist.mar") == sha256(archive)  # the published bytes, checksum-verified
         answer = post_digit(pod.ports.inference)
-        assert answer["digit"] == DIGIT["label"], answer
+        assert answer["digit"] == TEST_DIGIT_LABEL, answer
         assert answer["model"] == {
             "version": version,
             "sha256": sha256(archive)[:12],
@@ -106,7 +106,7 @@ def test_serves_the_archive_built_into_the_image_and_stops_on_sigint(python, pod
     running = Running(python, pod, MODEL_SOURCE="image", MODEL_ARCHIVE=str(archive), NUMBER_OF_GPU="1")
     try:
         running.wait_for("entrypoint: ready", READY_S)
-        assert post_digit(pod.ports.inference)["digit"] == DIGIT["label"]
+        assert post_digit(pod.ports.inference)["digit"] == TEST_DIGIT_LABEL
         # What `helm test` runs in the cluster, run here against the same kind of server.
         helm_test = subprocess.run(
             [str(python), str(ROOT / "charts" / "mnist-serve" / "files" / "helm-test.py")],
@@ -115,7 +115,8 @@ def test_serves_the_archive_built_into_the_image_and_stops_on_sigint(python, pod
             timeout=120,
             env={
                 "PREDICT_URL": f"http://127.0.0.1:{pod.ports.inference}/predictions/mnist",
-                "DIGIT_FILE": str(ROOT / "charts" / "mnist-serve" / "files" / "test-digit.json"),
+                "DIGIT_FILE": str(TEST_DIGIT),
+                "EXPECTED_DIGIT": str(TEST_DIGIT_LABEL),
             },
         )
         assert helm_test.returncode == 0 and helm_test.stdout.startswith("ok: "), helm_test.stdout + helm_test.stderr

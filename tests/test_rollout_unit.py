@@ -131,7 +131,7 @@ def test_the_check_digits_are_the_first_hundred_mnist_test_digits(mnist):
     [
         (["canary", "start", "--deployment", "deployment/x"], "canary start needs the VERSION to try"),
         (
-            ["promote", "2", "--rollout", "statefulset/x"],
+            ["promote", "2", "--deployment", "statefulset/x"],
             "statefulset/x: only a Deployment can be rolled out (deployment/NAME)",
         ),
     ],

@@ -91,7 +91,9 @@ def add_commands(commands: argparse._SubParsersAction, positive_int) -> None:
         "predict table (predict_images, or raw_predict with --layout notebook) and write digit, confidence "
         "and model version of each into the predictions table.",
     )
-    predict.add_argument("--model", default="production", help="registry version or alias")
+    predict.add_argument(
+        "--version", default="production", metavar="VERSION|ALIAS", help="the registry's version to score with"
+    )
     add_layout(predict)
     predict.add_argument("--batch-size", type=positive_int, default=1000, help="images per forward pass")
     predict.set_defaults(run=run_predict_table)
@@ -112,10 +114,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoints",
-        choices=("file", "cassandra"),
-        default="file",
-        help="cassandra: each epoch's checkpoint also goes to the checkpoints table (OUT/checkpoint.pt is always "
-        "written)",
+        choices=("files", "cassandra"),
+        default="files",
+        help="files: OUT/checkpoint.pt after each epoch; cassandra: also the checkpoints table",
     )
 
 
@@ -207,7 +208,7 @@ def run_predict_table(args: argparse.Namespace) -> None:
     from training.predict_table import predict_table
 
     with open_database() as session:
-        report = predict_table(session, LAYOUTS[args.layout], args.model, args.batch_size)
+        report = predict_table(session, LAYOUTS[args.layout], args.version, args.batch_size)
     accuracy = (
         f"; accuracy {report.accuracy:.2%} on the {report.labelled:,} labelled rows"
         if report.accuracy is not None

@@ -64,7 +64,9 @@ class CheckpointStore:
         rest = to_bytes({key: value for key, value in checkpoint.items() if key not in SEPARATE})
         size = len(network) + len(optimizer) + len(rest)
         if size > MAX_ROW_BYTES:
-            raise ValueError(f"checkpoint of {size:,} bytes is too large for one Cassandra row; use --checkpoints file")
+            raise ValueError(
+                f"checkpoint of {size:,} bytes is too large for one Cassandra row; use --checkpoints files"
+            )
         last = state.history[-1] if state.history else None
         comment = (
             f"epoch {state.epoch}/{config.epochs}: train loss {last.train_loss:.4f}, val loss {last.val_loss:.4f}, "

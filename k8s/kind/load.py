@@ -32,24 +32,24 @@ import urllib.request
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="the Service's prediction URL")
-    parser.add_argument("--digit", required=True, help="a JSON file with 'pixels' (28 x 28) and 'label'")
+    parser.add_argument("--digit", required=True, help="a digit as the API takes it: a JSON file of 28 x 28 pixels")
+    parser.add_argument("--label", type=int, required=True, help="the digit it shows")
     parser.add_argument("--workers", type=int, default=2, help="connections, each one request at a time (2)")
     parser.add_argument("--stop-file", default="/tmp/stop", help="stop when this file exists (/tmp/stop)")
     parser.add_argument("--max-seconds", type=float, default=900, help="stop after this long in any case (900)")
     parser.add_argument("--timeout", type=float, default=10, help="seconds one request may take (10)")
     parser.add_argument("--bad-bodies", action="store_true", help="check the answers to malformed bodies instead")
     args = parser.parse_args()
-    with open(args.digit) as handle:
-        digit = json.load(handle)
-    body = json.dumps(digit["pixels"]).encode()
+    with open(args.digit, "rb") as handle:
+        body = handle.read()
     # Counting starts at the first right answer: the NetworkPolicy admits a new pod's address within seconds.
     deadline = time.monotonic() + 60
-    while not right_answer(args.url, body, digit["label"], args.timeout):
+    while not right_answer(args.url, body, args.label, args.timeout):
         if time.monotonic() > deadline:
             raise SystemExit(f"no right answer from {args.url} within 60 s")
         time.sleep(1)
     if args.bad_bodies:
-        raise SystemExit(check_bad_bodies(args.url, digit, args.timeout))
+        raise SystemExit(check_bad_bodies(args.url, body, args.label, args.timeout))
 
     lock = threading.Lock()
     counts = collections.Counter()
@@ -79,7 +79,7 @@ def main() -> None:
             except OSError as error:  # URLError too
                 record("dropped", str(getattr(error, "reason", error)))
                 continue
-            if status == 200 and answer.get("digit") == digit["label"]:
+            if status == 200 and answer.get("digit") == args.label:
                 record("answered", version=str(answer.get("model", {}).get("version", "?")))
             else:
                 record("failed", f"HTTP {status}: {str(answer)[:80]}")
@@ -142,12 +142,11 @@ def right_answer(url: str, body: bytes, label: int, timeout: float) -> bool:
     return status == 200 and answer.get("digit") == label
 
 
-def check_bad_bodies(url: str, digit: dict, timeout: float) -> int:
-    good = json.dumps(digit["pixels"]).encode()
+def check_bad_bodies(url: str, good: bytes, label: int, timeout: float) -> int:
     bad = {
         "a truncated PNG": (b"\x89PNG\r\n\x1a\n not really a PNG", "image/png"),
         "an empty body": (b"", "image/png"),
-        "a 27 x 28 pixel array": (json.dumps(digit["pixels"][1:]).encode(), "application/json"),
+        "a 27 x 28 pixel array": (json.dumps(json.loads(good)[1:]).encode(), "application/json"),
         "plain text": (b"seven", "text/plain"),
     }
     statuses = {}
@@ -158,7 +157,7 @@ def check_bad_bodies(url: str, digit: dict, timeout: float) -> int:
         right = 400 <= status < 500 and bool(answer.get("error"))
         refused += right
         print(f"{'ok' if right else 'FAIL'}: {name}: HTTP {status}, {str(answer.get('error', answer))[:100]}")
-    digit_after = right_answer(url, good, digit["label"], timeout)
+    digit_after = right_answer(url, good, label, timeout)
     print(f"{'ok' if digit_after else 'FAIL'}: then the test digit: {'' if digit_after else 'not '}read right")
     print(
         json.dumps(

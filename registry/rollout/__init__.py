@@ -1,5 +1,5 @@
 """A registry version onto the serving pods of a Kubernetes cluster, checked, and taken back when it fails:
-`mnist-registry promote --rollout` and `mnist-registry canary`, on plain Kubernetes (the `kubernetes` client).
+`mnist-registry promote --deployment` and `mnist-registry canary`, on plain Kubernetes (the `kubernetes` client).
 
 A rollout pins the Deployment's pods to one version (MODEL_VERSION in the pod template, so a pod that restarts
 later never picks up a newer alias target), follows the new pods one line at a time, then asks every new pod

@@ -1,4 +1,4 @@
-"""A Deployment rolled onto a registry version and checked pod by pod; `promote --rollout` moves an alias with it
+"""A Deployment rolled onto a registry version and checked pod by pod; `promote --deployment` moves an alias with it
 and puts both back when the new version fails."""
 
 from __future__ import annotations
