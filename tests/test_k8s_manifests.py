@@ -3,6 +3,7 @@ chart's GPU pods fit exactly the GPU nodes of the EKS cluster config and of the 
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from helm_chart import CASES, KUBE_VERSION, render, server_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
+
+
+WRITER_TOKEN_SECRET = "mnist-train-astra-token"
 
 
 def load(name: str) -> list[dict]:
@@ -67,8 +71,10 @@ def test_the_training_job_calls_the_real_command_lines(job):
 def test_the_training_job_uses_the_charts_secrets_and_settings(job):
     values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml").read_text())
     pod = job["spec"]["template"]["spec"]
-    secrets = {volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
-    assert secrets == {values["astra"]["bundleSecret"]["name"], values["astra"]["tokenSecret"]["name"]}
+    secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
+    # The chart's bundle, and a token of its own: the writer role's, never the serving pods' reader token.
+    assert secrets == {"astra-bundle": values["astra"]["bundleSecret"]["name"], "astra-token": WRITER_TOKEN_SECRET}
+    assert WRITER_TOKEN_SECRET != values["astra"]["tokenSecret"]["name"]
     env = {item["name"]: item["value"] for item in pod["containers"][0]["env"]}
     assert env["CASSANDRA_KEYSPACE"] == values["cassandra"]["keyspace"]
     assert "ASTRA_DB_TOKEN" not in env and env["ASTRA_DB_TOKEN_FILE"].endswith(
@@ -139,3 +145,75 @@ def test_the_kind_cluster_is_the_one_the_smoke_test_deletes():
     assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4" and config["kind"] == "Cluster"
     assert f"CLUSTER={config['name']}" in (K8S / "kind-smoke.sh").read_text()
     assert config["networking"]["apiServerAddress"] == "127.0.0.1"
+
+
+# --- k8s/eks.sh: the EKS path's commands, as DRY_RUN=1 prints them (no AWS account here) -----------------------
+
+
+def eks(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(K8S / "eks.sh"), *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1"},
+    )
+
+
+def planned(*arguments: str) -> list[list[str]]:
+    done = eks(*arguments)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [shlex.split(line.replace("<(", "'<(").replace(") |", ")' |")) for line in done.stdout.splitlines()]
+
+
+def test_the_eks_cluster_enforces_network_policies_and_serves_the_hpa_its_metrics():
+    (cluster,) = load("eks-cluster.yaml")
+    addons = {addon["name"]: addon for addon in cluster["addons"]}
+    # Without the VPC CNI's policy agent, the chart's NetworkPolicy is accepted and does nothing.
+    assert json.loads(addons["vpc-cni"]["configurationValues"])["enableNetworkPolicy"] == "true"
+    values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml").read_text())
+    assert values["autoscaling"]["enabled"] and "metrics-server" in addons  # the HPA reads CPU use from it
+    assert values["autoscaling"]["maxReplicas"] <= gpu_node_group()["maxSize"]
+
+
+def test_eks_up_makes_the_ecr_repository_in_the_cluster_files_region():
+    (cluster,) = load("eks-cluster.yaml")
+    commands = planned("up")
+    assert commands[0][:3] == ["eksctl", "create", "cluster"] and commands[0][-1] == str(K8S / "eks-cluster.yaml")
+    (create,) = [c for c in commands if c[:3] == ["aws", "ecr", "create-repository"]]
+    assert create[create.index("--region") + 1] == cluster["metadata"]["region"]
+    assert create[create.index("--repository-name") + 1] == "mnist-serve"
+
+
+def test_eks_secrets_make_two_tokens_for_two_roles_where_the_chart_and_the_job_read_them(job):
+    values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml").read_text())
+    made = [c[c.index("generic") + 1] for c in planned("secrets", "bundle.zip") if "generic" in c]
+    reader = values["astra"]["tokenSecret"]["name"]
+    job_secrets = {v["secret"]["secretName"] for v in job["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert made == [values["astra"]["bundleSecret"]["name"], reader, WRITER_TOKEN_SECRET]
+    assert WRITER_TOKEN_SECRET in job_secrets and reader not in job_secrets
+    missing = eks("secrets")
+    assert missing.returncode == 1 and "needs the secure connect bundle" in missing.stderr
+
+
+def test_eks_push_and_install_agree_on_the_image():
+    chart = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "Chart.yaml").read_text())
+    pushed = {c[2] for c in planned("push") if c[:2] == ["docker", "push"]}
+    assert pushed == {f"ECR_URI:{chart['appVersion']}-gpu", f"ECR_URI:{chart['appVersion']}-gpu-train"}
+    helm_install = next(c for c in planned("install") if c[:2] == ["helm", "upgrade"])
+    assert "image.repository=ECR_URI" in helm_install and str(ROOT / "charts/mnist-serve/values-eks-gpu.yaml") in (
+        helm_install
+    )
+
+
+def test_eks_down_removes_everything_it_made_release_first_cluster_last():
+    order = [" ".join(c[:3]) for c in planned("down")]
+    assert order == [
+        "helm uninstall mnist-serve",
+        "kubectl delete namespace",
+        "aws ecr delete-repository",
+        "eksctl delete cluster",
+    ]
+    wrong = eks("teardown")
+    assert wrong.returncode == 1 and "expected up, push, secrets, install or down" in wrong.stderr
