@@ -138,6 +138,24 @@ def allowed_flags(program: str, subcommand: str) -> set[str]:
     return {"--help"} | {flag for text in texts for flag in FLAG.findall(text)}
 
 
+def option_helps(text: str) -> list[str]:
+    """Each option's entry in an argparse --help: from its flag at the start of a line to the next one."""
+    options = text.partition("options:")[2]
+    return [entry for entry in re.split(r"\n(?=  -)", options) if entry.strip()]
+
+
+@pytest.mark.slow  # asks every command for its --help
+@pytest.mark.parametrize("program", ["mnist-registry", "mnist-train", "mnist-predict"])
+def test_each_default_is_shown_once(program):
+    twice = []
+    for subcommand in ("", *subcommands(program)):
+        for entry in option_helps(help_text(program, subcommand)):
+            flat = " ".join(entry.split())
+            if flat.count("(default") > 1 or "(default: None)" in flat or "(default: False)" in flat:
+                twice.append(f"{program} {subcommand}: {flat}")
+    assert not twice, "\n".join(twice)
+
+
 @dataclass(frozen=True)
 class Use:
     page: str

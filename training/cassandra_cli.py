@@ -18,10 +18,13 @@ from training.train import TrainConfig, TrainState
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not the "(default: None)" of optional flags whose help already says it."""
+    """Shows each default once: not the "(default: None)" or "(default: False)" of optional flags and switches, and
+    not a second time where the help already says it."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_layout(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         help="train the CNN, export and verify TorchScript, write metrics and plots",
         description="Train the MNIST CNN, export it to TorchScript (verified against the eager model on the "
         "whole test set) and write model.pt, metrics.json, training-curve.png and confusion-matrix.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cassandra_cli.HelpFormatter,
     )
     parser.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="passes over the training images")
     parser.add_argument(
