@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from handler import front
 from handler.archive import MODEL_NAME
 from registry.model_archive import manifest_of
 
@@ -49,13 +50,15 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Ports:
-    """TorchServe's listening ports; the defaults are those in handler/config.properties."""
+    """The listening ports; the defaults are those in handler/config.properties. Predictions and /ping go to
+    nginx on `inference`, which passes them to TorchServe's inference API on 127.0.0.1:`backend`."""
 
     inference: int = 8080
     management: int = 8081
     metrics: int = 8082
     grpc_inference: int = 7070
     grpc_management: int = 7071
+    backend: int = 8079
 
     @classmethod
     def free(cls) -> Ports:
@@ -123,6 +126,7 @@ class Server:
     ports: Ports
     log_dir: Path
     host: str = "127.0.0.1"
+    front: subprocess.Popen | None = None  # nginx, in front of TorchServe's inference API
 
     def url(self, path: str = f"/predictions/{MODEL_NAME}", port: int | None = None) -> str:
         return f"http://{self.host}:{port or self.ports.inference}{path}"
@@ -189,6 +193,7 @@ def start_torchserve(
     ready_timeout: float = READY_TIMEOUT_S,
     environment: Mapping[str, str] | None = None,
     allowed_origin: str = "",
+    front_on: bool = True,
 ) -> Iterator[Server]:
     """TorchServe serving `archive` as model mnist, answering predictions when this yields; stopped on exit.
 
@@ -196,6 +201,8 @@ def start_torchserve(
     console=False the console output goes to log_dir/console.log instead of this process's stdout.
     `environment` adds variables to the server's (and so the workers') environment. `allowed_origin`
     (scheme://host:port) is the one web page origin a browser may call predictions from; none by default.
+    front_on=False leaves nginx out, TorchServe answering on ports.inference itself: the baseline of
+    `python -m bench.flood`, never a way to serve.
     """
     archive, config = archive.resolve(), config.resolve()  # the launcher runs in a directory of its own
     if not archive.is_file():
@@ -206,8 +213,13 @@ def start_torchserve(
     run_dir = Path(tempfile.mkdtemp(prefix="torchserve-"))
     try:
         text = config_with_ports(ports, config) if ports != Ports() else config.read_text()
+        if front_on:
+            text, listen = front.behind_front(text, ports.backend)
         config = run_dir / "config.properties"
         config.write_text(run_properties(text, allowed_origin))
+        front_config = (
+            front.write_config(run_dir / "nginx", listen, ports.backend, allowed_origin) if front_on else None
+        )
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
@@ -229,12 +241,27 @@ def start_torchserve(
                 output.close()
         server = Server(process, ports, log_dir)
         try:
+            server.front = start_front(front_config, log_dir) if front_config else None
             wait_until_ready(server, ready_timeout)
             yield server
         finally:
             stop(process)
+            if server.front:
+                stop(server.front)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_front(config: Path, log_dir: Path) -> subprocess.Popen:
+    """nginx in the foreground, its log in log_dir/nginx.log."""
+    with (log_dir / "nginx.log").open("ab") as log:
+        return subprocess.Popen(
+            front.nginx_command(front.nginx_binary(), config),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_until_ready(server: Server, timeout: float) -> None:
@@ -244,6 +271,11 @@ def wait_until_ready(server: Server, timeout: float) -> None:
         if server.process.poll() is not None:
             raise ServerError(
                 f"TorchServe exited with code {server.process.returncode} while starting{log_tail(server.log_dir)}"
+            )
+        if server.front and server.front.poll() is not None:
+            raise ServerError(
+                f"nginx exited with code {server.front.returncode} while starting"
+                f"{log_tail(server.log_dir, names=('nginx.log',))}"
             )
         if ready(server):
             return
@@ -283,9 +315,9 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def log_tail(log_dir: Path, lines: int = 30) -> str:
-    """The end of TorchServe's own log, for an error message."""
-    for name in ("ts_log.log", "console.log"):
+def log_tail(log_dir: Path, lines: int = 30, names: tuple[str, ...] = ("ts_log.log", "console.log")) -> str:
+    """The end of TorchServe's own log (or of the first of `names` with something in it), for an error message."""
+    for name in names:
         path = log_dir / name
         if path.exists() and path.stat().st_size:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
@@ -330,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             code = server.process.wait()
             print(f"TorchServe exited with code {code}{log_tail(server.log_dir)}", file=sys.stderr)
             return 1
-    except ServerError as error:
+    except (ServerError, front.FrontError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bodies import encoded, png_claiming, zip_archive
 from served import send_all
 
 from handler.client import post
+from handler.front import Limits
 from handler.server import Ports, Server
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -161,12 +163,16 @@ def test_a_body_over_the_size_limit_is_refused_by_the_frontend(server, known):
     assert_still_serving(server, known)
 
 
-def test_many_concurrent_maximum_size_bodies_do_not_exhaust_the_frontend(server, known):
-    # 64 uploads of 1 MiB at once: the JVM's heap and direct memory (config.properties) must hold them.
+def test_many_concurrent_maximum_size_bodies_are_answered_or_turned_away_at_once(server, known):
+    # 128 uploads of 1 MiB, 64 at a time. nginx lets Limits.max_large of them through at once (a PNG signature and
+    # no image: refused by the handler) and answers the rest 429 with Retry-After, without reading them.
     body = b"\x89PNG\r\n\x1a\n" + bytes((1 << 20) - 100)
     with ThreadPoolExecutor(64) as pool:
-        statuses = list(pool.map(lambda _: post(server.url(), body).status, range(128)))
-    assert statuses == [400] * 128  # a PNG signature and no image: refused by the handler, every one
+        replies = list(pool.map(lambda _: post(server.url(), body), range(128)))
+    statuses = Counter(reply.status for reply in replies)
+    assert set(statuses) <= {400, 429} and statuses[400] >= Limits().max_large, statuses
+    assert all(reply.headers["Retry-After"] == "1" for reply in replies if reply.status == 429)
+    assert all(reply.answer["code"] == reply.status for reply in replies), replies[:3]
     assert_still_serving(server, known)
 
 
@@ -275,12 +281,14 @@ def listening_addresses(server: Server, port: int) -> set[ipaddress.IPv4Address 
     return addresses
 
 
-def test_management_api_listens_on_loopback_only(server):
-    management = listening_addresses(server, server.ports.management)
-    assert management and all(address.is_loopback for address in management)
-    # What a public listener looks like, so the check above can tell the two apart.
-    inference = listening_addresses(server, server.ports.inference)
-    assert any(address.is_unspecified for address in inference)
+def test_management_and_inference_apis_listen_on_loopback_only(server):
+    # Management can load code; inference is reached only through nginx, which bounds what clients can hold.
+    for port in (server.ports.management, server.ports.backend):
+        addresses = listening_addresses(server, port)
+        assert addresses and all(address.is_loopback for address in addresses), port
+    # What a public listener looks like (Prometheus' metrics port), so the check above can tell the two apart.
+    metrics = listening_addresses(server, server.ports.metrics)
+    assert any(address.is_unspecified for address in metrics)
 
 
 def test_management_api_cannot_be_reached_through_a_network_address(server):
@@ -294,8 +302,9 @@ def test_management_api_cannot_be_reached_through_a_network_address(server):
         pytest.skip("this machine has no network address besides loopback")
     with socket.create_connection((outward[0], server.ports.inference), timeout=5):
         pass  # the public API is reachable that way...
-    with pytest.raises(ConnectionRefusedError):  # ...the management API is not
-        socket.create_connection((outward[0], server.ports.management), timeout=5).close()
+    for port in (server.ports.management, server.ports.backend):  # ...the management API and TorchServe's own
+        with pytest.raises(ConnectionRefusedError):  # inference API are not
+            socket.create_connection((outward[0], port), timeout=5).close()
 
 
 def test_model_management_calls_are_refused(server, known):
