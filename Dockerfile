@@ -68,6 +68,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMPDIR=/tmp \
     MODEL_SOURCE=registry \
     MODEL_VERSION=production \
+    # In front of TorchServe (handler/front.py), installed by docker/install.sh system.
+    NGINX=/usr/sbin/nginx \
     TORCHSERVE_CONFIG=/opt/mnist-serve/handler/config.properties \
     # Which driver parts the NVIDIA container toolkit mounts on a GPU node: CUDA, and nvidia-smi
     # (TorchServe counts GPUs with it); ignored elsewhere. No NVIDIA_VISIBLE_DEVICES: the device plugin

@@ -3,7 +3,9 @@
 
 It runs as PID 1. It takes the archive from the model registry (MODEL_SOURCE=registry: the version or
 alias MODEL_VERSION, checksum-verified by the registry code) or from the image (MODEL_SOURCE=image),
-checks it, starts TorchServe's Java frontend as its own child, waits until a prediction is answered,
+checks it, starts TorchServe's Java frontend as its own child with its inference API on loopback, and nginx
+in front of it where clients connect (handler/front.py: bounded memory whatever the traffic), waits until a
+prediction is answered through nginx,
 writes READY_FILE (the chart's startup probe checks it), and then waits until TorchServe exits. SIGTERM
 and SIGINT are forwarded, so TorchServe stops its workers and exits; its exit code becomes the
 container's. A failure exits non-zero with one message on stderr and in the termination log
@@ -18,6 +20,8 @@ Settings, from the environment (the image sets the paths; the chart sets the res
   TMPDIR             worker sockets, the unpacked archive, the run's config (writable; default /tmp)
   TORCHSERVE_CONFIG  config.properties to start from (default handler/config.properties of the repository)
   NUMBER_OF_GPU      GPUs TorchServe may give its workers (TorchServe's number_of_gpu; default 0: CPU)
+  BACKEND_PORT       TorchServe's inference port on 127.0.0.1, behind nginx (default 8079)
+  NGINX              the nginx binary (the image's /usr/sbin/nginx; default: scripts/nginx.sh's)
   READY_TIMEOUT      seconds for the model to answer its first prediction (default 300)
   READY_FILE         written once a prediction was answered, removed at start and stop
                      (default TMPDIR/mnist-serve-ready)
@@ -44,11 +48,12 @@ from startup.archive import check_archive, fetch_archive  # noqa: E402
 from startup.java import java_command, java_environment  # noqa: E402
 from startup.readiness import mark_ready, wait_until_ready  # noqa: E402
 from startup.report import StartupError, report, report_exit, say, stopped_before_start  # noqa: E402
-from startup.run_config import inference_port, write_run_config  # noqa: E402
+from startup.run_config import port_of, write_run_config  # noqa: E402
 from startup.settings import require_writable, settings_from, termination_log_from  # noqa: E402
 from startup.supervisor import Stopped, StopSignals, Supervisor  # noqa: E402
 
-from handler.server import MODEL_NAME, served_model_environment  # noqa: E402 (needs the path above)
+from handler import front  # noqa: E402 (needs the path above)
+from handler.server import MODEL_NAME, served_model_environment  # noqa: E402
 
 
 def main() -> int:
@@ -63,21 +68,29 @@ def main() -> int:
         settings.ready_file.unlink(missing_ok=True)
         archive, origin, registry_version = fetch_archive(settings)
         model_version = check_archive(archive)
-        config, props = write_run_config(settings)
+        config, props, listen = write_run_config(settings)
+        backend = port_of(props["inference_address"])
+        front_config = front.write_config(
+            settings.tmp_dir / "nginx", listen, backend, props.get("cors_allowed_origin", "")
+        )
         command = java_command(props, config, settings)
         environment = java_environment(settings, served_model_environment(archive, registry_version))
         supervisor = signals.supervisor = Supervisor(settings)
         supervisor.start(command, environment)
+        supervisor.start_front(front.nginx_command(front.nginx_binary(), front_config))
         say(
             f"TorchServe started (pid {supervisor.process.pid}): model {MODEL_NAME} {model_version}, {origin}; "
             f"number_of_gpu={settings.gpus}"
         )
-        port = inference_port(props)
+        port = port_of(listen)  # nginx's: ready means answered the way clients are
         if wait_until_ready(supervisor, port):
             mark_ready(settings, model_version, port)
         code = supervisor.wait()
+        if supervisor.front_failure:
+            report(supervisor.front_failure, termination_log)
+            return 1
         return report_exit(code, supervisor.stop_requested, settings.log_dir, termination_log)
-    except (Stopped, StartupError) as error:
+    except (Stopped, StartupError, front.FrontError) as error:
         if signals.stopped_early is not None:
             return stopped_before_start(signals.stopped_early)
         report(str(error), termination_log)

@@ -28,6 +28,9 @@ TORCH_VERSION=2.14.1
 # major release and takes Debian's security updates, which replace superseded packages in the archive
 # (an exact version would stop building within weeks).
 JRE_PACKAGE="openjdk-17-jre-headless=17.0.*"
+# The reverse proxy in front of TorchServe (handler/front.py): Debian 12's nginx 1.22.1 with its security
+# updates. scripts/nginx.sh reads this line, so `make serve` runs the version the image runs.
+NGINX_PACKAGE="nginx=1.22.1-9+deb12u*"
 # Must match the chart's runAsUser/runAsGroup/fsGroup and handler/config.properties' allowed_urls,
 # which names /home/model-server/model-store.
 SERVE_UID=1000
@@ -138,15 +141,19 @@ system_packages() {
     *) usage ;;
   esac
   if $dry_run; then
-    apt-get install --simulate --no-install-recommends "$JRE_PACKAGE" >/dev/null
-    say "dry run: $JRE_PACKAGE resolves; would add user $SERVE_UID with $SERVE_HOME/{model-store,logs}"
+    apt-get install --simulate --no-install-recommends "$JRE_PACKAGE" "$NGINX_PACKAGE" >/dev/null
+    say "dry run: $JRE_PACKAGE and $NGINX_PACKAGE resolve; would add user $SERVE_UID with $SERVE_HOME/{model-store,logs}"
     return
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update
   # The JRE's post-install step links its manual page there; slim images delete that directory.
   mkdir -p /usr/share/man/man1
-  apt-get install --yes --no-install-recommends "$JRE_PACKAGE"
+  # nginx's package would start its service: nothing starts at build time (the entrypoint runs its own).
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  apt-get install --yes --no-install-recommends "$JRE_PACKAGE" "$NGINX_PACKAGE"
+  rm /usr/sbin/policy-rc.d
   apt-get clean
   rm -rf /var/lib/apt/lists/*
   java -version 2>&1 | grep -q '"17\.' || { java -version; say "expected Java 17"; exit 1; }

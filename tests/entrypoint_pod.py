@@ -18,6 +18,7 @@ from conftest import LOCAL_ENV
 from descendants import Descendants
 from image_env import ROOT, image_venv
 
+from handler.front import nginx_binary
 from handler.server import Ports, config_with_ports
 
 ENTRYPOINT = ROOT / "docker" / "entrypoint.py"
@@ -66,6 +67,8 @@ def pod(tmp_path) -> Pod:
         "HOME": str(tmp_path / "home"),
         "READY_TIMEOUT": "240",
         "STOP_TIMEOUT": "20",
+        "BACKEND_PORT": str(ports.backend),
+        "NGINX": nginx_binary(),  # as the image sets it
     }
     return Pod(tmp_path, ports, environment)
 

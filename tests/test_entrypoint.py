@@ -76,8 +76,12 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(
             "sha256": sha256(archive)[:12],
         }  # the registry's version, not the archive's own
 
-        # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it.
-        (java,) = psutil.Process(running.process.pid).children()
+        # TorchServe runs as the entrypoint's child (the JVM itself, not the launcher), its workers under it, and
+        # nginx in front of it, the entrypoint's other child.
+        children = psutil.Process(running.process.pid).children()
+        assert sorted(child.name() for child in children) == ["java", "nginx"], children
+        (java,) = [child for child in children if child.name() == "java"]
+        (nginx,) = [child for child in children if child.name() == "nginx"]
         # Its children are the two workers and, every minute, TorchServe's system-metrics collector.
         workers = set(java.children()) & set(running.seen.ran("model_service_worker"))
         assert java.name() == "java" and len(workers) == 2, [running.seen.command(child) for child in java.children()]
@@ -85,7 +89,11 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(
             c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN
         }
         assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
-        assert listening[pod.ports.inference] in ("0.0.0.0", "::")  # every address: Kubernetes routes to the pod IP
+        assert listening[pod.ports.backend] == "127.0.0.1"  # TorchServe's inference API: only through nginx
+        in_front = {
+            c.laddr.port: ipv4(c.laddr.ip) for c in nginx.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+        }
+        assert in_front[pod.ports.inference] in ("0.0.0.0", "::")  # every address: Kubernetes routes to the pod IP
     finally:
         running.process.send_signal(signal.SIGTERM)
         code = running.finish(60)

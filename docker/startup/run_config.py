@@ -1,11 +1,13 @@
 """The config.properties TorchServe runs with: TORCHSERVE_CONFIG plus number_of_gpu and the project's metrics,
-refused when its management API would listen beyond loopback."""
+refused when its management API would listen beyond loopback; its inference API moved to loopback, behind nginx,
+which listens where inference_address said (handler/front.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from handler.front import behind_front
 from handler.server import run_properties
 from startup.report import StartupError
 from startup.settings import Settings
@@ -48,13 +50,16 @@ def run_config(settings: Settings) -> tuple[str, dict[str, str]]:
     return text, props
 
 
-def write_run_config(settings: Settings) -> tuple[Path, dict[str, str]]:
-    """The run's config.properties, written to TMPDIR (the image's own is read-only), and its properties."""
-    text, props = run_config(settings)
+def write_run_config(settings: Settings) -> tuple[Path, dict[str, str], str]:
+    """The run's config.properties, written to TMPDIR (the image's own is read-only), its properties, and the
+    HOST:PORT nginx listens on in front of it."""
+    text, _ = run_config(settings)
+    text, listen = behind_front(text, settings.backend_port)
     config = settings.tmp_dir / "config.properties"
     config.write_text(text)
-    return config, props
+    return config, properties(text), listen
 
 
-def inference_port(props: dict[str, str]) -> int:
-    return int(props["inference_address"].rsplit(":", 1)[1])
+def port_of(address: str) -> int:
+    """The port of http://HOST:PORT or HOST:PORT."""
+    return int(address.rsplit(":", 1)[1])

@@ -31,6 +31,7 @@ class Settings:
     ready_file: Path
     stop_timeout: float
     termination_log: Path
+    backend_port: int
 
 
 def settings_from(environ: Mapping[str, str]) -> Settings:
@@ -67,6 +68,7 @@ def checked_settings(environ: Mapping[str, str]) -> Settings:
         ready_file=Path(text(environ, "READY_FILE", str(tmp_dir / "mnist-serve-ready"))),
         stop_timeout=number(environ, "STOP_TIMEOUT", 25.0, least=1),
         termination_log=termination_log_from(environ),
+        backend_port=number(environ, "BACKEND_PORT", 8079, int, least=1),
     )
 
 

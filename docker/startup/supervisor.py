@@ -1,5 +1,6 @@
-"""TorchServe as the child of this process, which runs as PID 1: started, watched, stopped on SIGTERM or SIGINT,
-its exit code passed on, and every exited child reaped."""
+"""TorchServe and nginx in front of it as the children of this process, which runs as PID 1: started, watched,
+stopped on SIGTERM or SIGINT, TorchServe's exit code passed on, and every exited child reaped. When nginx exits
+on its own, TorchServe is stopped too: a container that cannot be reached must be restarted."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ class Stopped(Exception):
 
 
 class Supervisor:
-    """TorchServe as this process's child: started, watched, stopped; every exited child reaped (as PID 1
-    this process inherits orphans, such as workers left behind by a killed frontend)."""
+    """TorchServe (and nginx) as this process's children: started, watched, stopped; every exited child reaped
+    (as PID 1 this process inherits orphans, such as workers left behind by a killed frontend)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -32,11 +33,19 @@ class Supervisor:
         self.code: int | None = None
         self.stop_requested = False
         self.stop_deadline: float | None = None
+        self.front: subprocess.Popen | None = None
+        self.front_failure: str | None = None  # why nginx exited, when nobody asked it to
 
     def start(self, command: list[str], environment: dict[str, str]) -> None:
         # Its own process group: whatever the frontend leaves behind can be killed with it at the end.
         self.process = subprocess.Popen(
             command, env=environment, cwd=self.settings.tmp_dir, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+    def start_front(self, command: list[str]) -> None:
+        """nginx in the foreground, its log on this process's stderr."""
+        self.front = subprocess.Popen(
+            command, cwd=self.settings.tmp_dir, stdin=subprocess.DEVNULL, start_new_session=True
         )
 
     def signal(self, signum: int) -> None:
@@ -65,6 +74,12 @@ class Supervisor:
                 code = os.waitstatus_to_exitcode(status)
                 self.code = 128 - code if code < 0 else code
                 self.process.returncode = self.code
+            elif self.front and pid == self.front.pid:
+                self.front.returncode = os.waitstatus_to_exitcode(status)
+                if not self.stop_requested:
+                    self.front_failure = f"nginx exited with code {self.front.returncode}; stopping TorchServe"
+                    say(self.front_failure)
+                    self.signal(signal.SIGTERM)
         if self.stop_deadline is not None and self.code is None and time.monotonic() > self.stop_deadline:
             say(f"TorchServe still running {self.settings.stop_timeout:.0f} s after the stop signal; killing it")
             self.kill_group(signal.SIGKILL)
@@ -72,17 +87,35 @@ class Supervisor:
         return self.code
 
     def kill_group(self, signum: int) -> None:
-        if self.process:
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
-                pass
+        for process in (self.process, self.front):
+            if process:
+                try:
+                    os.killpg(process.pid, signum)
+                except ProcessLookupError:
+                    pass
 
     def wait(self) -> int:
         while self.reap() is None:
             time.sleep(POLL_S)
+        self.stop_front()
         self.kill_group(signal.SIGKILL)  # workers outliving a frontend that died
         return self.code
+
+    def stop_front(self) -> None:
+        """nginx, once TorchServe is gone: a graceful stop, which its idle connections do not hold up."""
+        if not self.front or self.front.returncode is not None:
+            return
+        os.kill(self.front.pid, signal.SIGQUIT)
+        deadline = time.monotonic() + 5
+        while self.front.returncode is None and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(self.front.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.front.returncode = os.waitstatus_to_exitcode(status)
+            else:
+                time.sleep(0.1)
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT; returns TorchServe's exit code."""
