@@ -100,13 +100,16 @@ predict: venv ## print the digit the running server reads in IMAGE: make predict
 bench-serve: $(MAR) ## load-test the server (wrk, 1/16/64 connections) against in-process TorchScript
 	scripts/with-wrk.sh $(PY) -m bench.serve --archive $(MAR)
 
+bench-flood: $(MAR) ## 300 and 1,000 concurrent 1 MB uploads and 200 slow ones beside real digits: nginx in front against TorchServe alone
+	$(PY) -m bench.flood --archive $(MAR) --baseline
+
 soak: $(MAR) ## 5 min at 64 connections with 10 % malformed requests and a worker kill, then the registry through a database restart
 	scripts/with-wrk.sh $(PY) -m bench.soak --archive $(MAR) --metrics $(ARTIFACTS)/metrics.json $(SOAK_FLAGS)
 
 publish: $(MAR) cassandra-up ## archive and record it in the model registry (mnist-registry publish)
 	$(VENV)/bin/mnist-registry publish $(MAR) --metrics $(ARTIFACTS)/metrics.json
 
-.PHONY: archive serve ui predict bench-serve soak publish
+.PHONY: archive serve ui predict bench-serve bench-flood soak publish
 
 # --- image and chart ---------------------------------------------------------------------------
 image: ## build the CPU serving image (docker/build.sh cpu; starts a Docker engine where none runs; TORCH_INDEX_URL for a CPU-only torch)

@@ -22,10 +22,10 @@ import contextlib
 import functools
 import json
 import math
-import os
 import random
 import resource
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -126,9 +126,11 @@ async def slow_upload(host: str, port: int, path: str, hold_s: float) -> tuple:
         writer.close()
 
 
-async def real_digits(host: str, port: int, path: str, stop: asyncio.Event, report: Report, latencies: list) -> None:
-    """Real digits at REAL_RATE a second until stop is set, each on its own connection, as separate users."""
-    digit = DIGIT.read_bytes()
+async def real_digits(
+    host: str, port: int, path: str, digit: bytes, stop: threading.Event, report: Report, latencies: list
+) -> None:
+    """Real digits at REAL_RATE a second until stop is set, each on its own connection, as separate users. Run in a
+    thread of its own with its own event loop, so the flood's loop, busy on the CPU, does not slow it down."""
     tasks = []
 
     async def one() -> None:
@@ -139,19 +141,17 @@ async def real_digits(host: str, port: int, path: str, stop: asyncio.Event, repo
             report.real_right += 1
             latencies.append(time.monotonic() - started)
 
+    next_send = time.monotonic()
     while not stop.is_set():
         tasks.append(asyncio.create_task(one()))
         report.real_sent += 1
-        try:
-            await asyncio.wait_for(stop.wait(), 1 / REAL_RATE)
-        except TimeoutError:
-            pass
+        next_send += 1 / REAL_RATE
+        await asyncio.sleep(max(0.0, next_send - time.monotonic()))
     await asyncio.gather(*tasks)
 
 
-async def answer_after(host: str, port: int, path: str, limit_s: float = 60) -> float | None:
+async def answer_after(host: str, port: int, path: str, digit: bytes, limit_s: float = 60) -> float | None:
     """Seconds from now until a real digit is answered right (None: not within limit_s)."""
-    digit = DIGIT.read_bytes()
     started = time.monotonic()
     while time.monotonic() - started < limit_s:
         status, _, body = await request(host, port, path, digit, "image/png", 5)
@@ -161,13 +161,17 @@ async def answer_after(host: str, port: int, path: str, limit_s: float = 60) -> 
     return None
 
 
-async def flood(url: str, kind: str, count: int, hold_s: float) -> Report:
+async def flood(url: str, kind: str, count: int, hold_s: float, digit: Path = DIGIT) -> Report:
     parts = urlsplit(url)
     host, port, path = parts.hostname, parts.port or 80, parts.path
     report = Report(kind, count)
-    stop = asyncio.Event()
+    stop = threading.Event()
     latencies: list[float] = []
-    real = asyncio.create_task(real_digits(host, port, path, stop, report, latencies))
+    real_digit = digit.read_bytes()
+    real = threading.Thread(
+        target=lambda: asyncio.run(real_digits(host, port, path, real_digit, stop, report, latencies)), daemon=True
+    )
+    real.start()
     await asyncio.sleep(1)  # the real client is under way before the flood starts
     started = time.monotonic()
     if kind == "uploads":
@@ -187,11 +191,11 @@ async def flood(url: str, kind: str, count: int, hold_s: float) -> Report:
         results = await asyncio.gather(*(slow_upload(host, port, path, hold_s) for _ in range(count)))
     report.flood_seconds = round(time.monotonic() - started, 2)
     stop.set()
-    await real
+    real.join()
     report.flood_statuses = dict(Counter(str(status) for status, _, _ in results))
     report.flood_requests = len(results)
     report.retry_after_seen = any("retry-after" in headers for status, headers, _ in results if status in (429, 503))
-    report.answer_after_s = await answer_after(host, port, path)
+    report.answer_after_s = await answer_after(host, port, path, real_digit)
     if report.answer_after_s is not None:
         report.answer_after_s = round(report.answer_after_s, 3)
     if latencies:
@@ -218,10 +222,9 @@ def tree_rss(processes: list) -> int:
     return total
 
 
-def serve_and_flood(archive: Path, front_on: bool, plan, hold_s: float) -> list[dict]:
+def serve_and_flood(archive: Path, front_on: bool, plan, hold_s: float, digit: Path) -> list[dict]:
     """The server of `make serve` (or TorchServe alone) on free ports, each flood of plan against it in turn."""
     import tempfile
-    import threading
 
     import psutil
 
@@ -241,7 +244,9 @@ def serve_and_flood(archive: Path, front_on: bool, plan, hold_s: float) -> list[
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 report = (
-                    asyncio.run(flood(server.url(), kind, count, hold_s)) if server.process.poll() is None else None
+                    asyncio.run(flood(server.url(), kind, count, hold_s, digit))
+                    if server.process.poll() is None
+                    else None
                 )
                 done.set()
                 sampler.join()
@@ -273,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="the prediction URL to flood (loopback, or the project's own test network)")
     where.add_argument("--archive", type=Path, help="start make serve's server on this .mar and flood it")
     parser.add_argument("--baseline", action="store_true", help="with --archive: flood TorchServe alone first")
+    parser.add_argument(
+        "--digit",
+        type=Path,
+        default=DIGIT,
+        help=f"the real digit, a PNG of a {DIGIT_LABEL} (default: samples/digit-7.png)",
+    )
+    parser.add_argument(
+        "--test-network",
+        action="store_true",
+        help="allow a --url off loopback: the project's own test network only (the kind smoke test's Service)",
+    )
     parser.add_argument("--flood", choices=("uploads", "slow"), help="what to send (default: the three floods)")
     parser.add_argument("--count", type=int, help="with --flood: concurrent connections (1..2000)")
     parser.add_argument(
@@ -283,20 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--flood and --count go together")
     if args.count is not None and not 1 <= args.count <= 2000:
         parser.error(f"--count {args.count}: give 1 to 2000 connections")
-    if (
-        args.url
-        and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1")
-        and not os.environ.get("FLOOD_NETWORK")
-    ):
-        parser.error(f"{args.url}: floods go to loopback only (FLOOD_NETWORK=1 for the project's own test network)")
+    if args.url and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1") and not args.test_network:
+        parser.error(f"{args.url}: floods go to loopback only (--test-network for the project's own test network)")
     plan = [(args.flood, args.count)] if args.flood else list(PLAN)
     raise_open_files_limit(max(count for _, count in plan) + 256)
     if args.url:
-        results = [asdict(asyncio.run(flood(args.url, kind, count, args.hold))) for kind, count in plan]
+        results = [asdict(asyncio.run(flood(args.url, kind, count, args.hold, args.digit))) for kind, count in plan]
     else:
         results = []
         for front_on in (False, True) if args.baseline else (True,):
-            results += serve_and_flood(args.archive, front_on, plan, args.hold)
+            results += serve_and_flood(args.archive, front_on, plan, args.hold, args.digit)
     for result in results:
         print(json.dumps(result), flush=True)
     print_table(results)

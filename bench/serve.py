@@ -222,8 +222,14 @@ class Contender:
 
 
 def processes_of(server: Server) -> Callable[[], list[psutil.Process]]:
-    """TorchServe's processes as they are at each call: workers restart and change pid."""
-    return lambda: [server.frontend(), *server.workers()]
+    """The server's processes as they are at each call (workers restart and change pid): TorchServe's, and nginx's
+    master and worker when it is in front."""
+
+    def processes() -> list[psutil.Process]:
+        front = psutil.Process(server.front.pid) if server.front else None
+        return [server.frontend(), *server.workers(), *([front, *front.children()] if front else [])]
+
+    return processes
 
 
 @contextlib.contextmanager
@@ -355,7 +361,7 @@ def measure_side_by_side(contenders: list[Contender], files: list[Path], levels:
                 )
 
 
-def print_table(ours: Contender, peer: Contender, levels: list[int]) -> None:
+def print_table(ours: Contender, peer: Contender, levels: list[int], alone: Contender) -> None:
     print()
     print("mean of the two rounds (req/s: round 1 / round 2)")
     print(
@@ -363,7 +369,7 @@ def print_table(ours: Contender, peer: Contender, levels: list[int]) -> None:
         f"{'errors':>6}"
     )
     for connections in levels:
-        for contender in (ours, peer):
+        for contender in (ours, alone, peer):
             rounds = " / ".join(f"{level.rate:,.0f}" for level in contender.levels[connections])
             errors = sum(level.errors for level in contender.levels[connections])
             p50, p99, cpu = (contender.mean(connections, figure) for figure in ("p50_ms", "p99_ms", "cpu_ms"))
@@ -467,14 +473,22 @@ def main(argv: list[str] | None = None) -> int:
         print("side by side, same model, same decoding, same 100 real test digits as image/png bodies:")
         with (
             start_torchserve(args.archive, args.logs, Ports.free()) as server,
+            start_torchserve(args.archive, args.logs / "without-nginx", Ports.free(), front_on=False) as bare,
             kserve_peer(model, args.peer_workers, args.logs / "kserve.log") as peer,
         ):
-            ours = Contender("ours (TorchServe 0.12)", server.url(), processes_of(server))
+            ours = Contender("ours (nginx + TorchServe 0.12)", server.url(), processes_of(server))
+            alone = Contender("TorchServe alone, no nginx", bare.url(), processes_of(bare))
             with MemoryPeaks(server) as memory:
-                measure_side_by_side([ours, peer], files, args.connections, args.seconds)
+                measure_side_by_side([ours, alone, peer], files, args.connections, args.seconds)
     print(f"after:  {load_line()}")
-    print_table(ours, peer, args.connections)
+    print_table(ours, peer, args.connections, alone)
     print_targets(ours, peer, forward_rate, args.connections)
+    for connections in args.connections:
+        kept = ours.mean(connections, "rate") / alone.mean(connections, "rate")
+        print(
+            f"nginx in front, {connections} connections: {kept:.1%} of TorchServe alone's req/s "
+            f"(target >= 95%: {verdict(kept >= 0.95)})"
+        )
     print()
     print(f"our peak resident memory under load (JVM heap {jvm_heap()}):")
     for name, peak in sorted(memory.peaks.items()):

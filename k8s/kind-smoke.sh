@@ -3,6 +3,7 @@
 # k8s/kind/node-image.sh with the CPU image with the model built in preloaded (k8s/kind/preload.sh),
 # `helm install` with values-kind.yaml, and on real pods:
 #   - real digits in every input form through a port-forward, and `helm test`;
+#   - floods of uploads and slow uploads through the Service (bench/flood.py), beside real digits: no restart;
 #   - the serving container runs as uid 1000 on a read-only root filesystem;
 #   - the NetworkPolicy: a pod outside the allowed selector is blocked, one inside is not;
 #   - the registry path: pods fetch the production alias, then version 2, from the local Cassandra node;
@@ -53,7 +54,7 @@ OUT="${KIND_SMOKE_OUT:-$ROOT/artifacts/kind-smoke}"
 SUMMARY="${KIND_SMOKE_SUMMARY:-$OUT/summary.json}"
 PHASES=(
   preflight tools node_image serving_image preload host_accommodations cluster helm_install digits malformed_bodies
-  helm_test serving_container network_policy registry upgrades_under_load rollout_account rollouts_under_load
+  flood helm_test serving_container network_policy registry upgrades_under_load rollout_account rollouts_under_load
   failed_rollout canary killed_container bad_values unreachable_registry teardown
 )
 
@@ -280,7 +281,8 @@ EOF
   helm install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --create-namespace "${values[@]}" --wait --timeout 10m
   k rollout status "deployment/$RELEASE" --timeout 5m
   k create configmap smoke-clients --from-file="$HERE/load.py" --from-file="$HERE/ping.py" \
-    --from-file="$CHART/files/digit-7.json" >/dev/null
+    --from-file="$CHART/files/digit-7.json" --from-file="$ROOT/bench/flood.py" \
+    --from-file="$ROOT/samples/digit-7.png" >/dev/null
 }
 
 digits() { # real test digits in every input form, through a port-forward (k8s/kind/digits.py)
@@ -308,6 +310,31 @@ malformed_bodies() { # through the Service, then a digit (from a pod: a port-for
   said="$(k logs bad-bodies)"
   echo "$said"
   figure malformed_bodies "$(tail -n 1 <<<"$said")"
+}
+
+restarts() { # the serving containers' restarts, all pods together
+  k get pods -l "$SERVERS" -o jsonpath='{range .items[*]}{.status.containerStatuses[0].restartCount}{"\n"}{end}' |
+    awk '{ total += $1 } END { print total + 0 }'
+}
+
+flood() { # bench/flood.py from a pod through the Service: 300 and 1,000 1 MB uploads, 200 slow, beside real digits
+  local before said
+  before="$(restarts)"
+  client_pod flood allowed flood.py --url "http://$RELEASE:8080/predictions/mnist" --test-network \
+    --digit /clients/digit-7.png
+  if ! k wait --for=jsonpath='{.status.phase}'=Succeeded pod/flood --timeout 5m >/dev/null; then
+    k logs flood >&2
+    fail "the flood client did not finish"
+  fi
+  said="$(k logs flood)"
+  grep -v '^{' <<<"$said" || true # the table
+  figure floods "[$(grep '^{' <<<"$said" | paste -sd, -)]"
+  figure restarts_during_floods $(($(restarts) - before))
+  [[ "$(restarts)" == "$before" ]] || fail "serving containers restarted during the floods"
+  if k get pods -l "$SERVERS" -o jsonpath='{.items[*].status.containerStatuses[0].lastState.terminated.reason}' |
+    grep -q OOMKilled; then
+    fail "a serving container was OOMKilled during the floods"
+  fi
 }
 
 helm_test() {

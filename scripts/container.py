@@ -107,9 +107,21 @@ class ChartPod:
                 # A Secret not given is left out: a container that needs no database (the model from the
                 # image) starts without it.
                 flags += ["-v", f"{secrets[volume['secret']['secretName']]}:{mount['mountPath']}:ro"]
+        memory = self.container.get("resources", {}).get("limits", {}).get("memory")
+        if memory:  # the container is killed past it, as the kubelet's cgroup does
+            flags += [f"--memory={quantity_bytes(memory)}", "--memory-swap", str(quantity_bytes(memory))]
         for name, value in self.env().items():
             flags += ["-e", f"{name}={value}"]
         return flags
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes memory quantity: 2Gi, 512Mi, 1G, 1000000."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
 
 
 # --- a container started that way --------------------------------------------------------------------
@@ -143,6 +155,7 @@ class Container:
         config.write_text(chart.config_properties)
         if host_network:
             config.write_text(config_with_ports(host_network, config))
+            env = {"BACKEND_PORT": str(host_network.backend), **(env or {})}
         config.chmod(0o644)
         flags = chart.run_flags(config, tmpfs_options, secrets)
         flags += ["--network=host"] if host_network else ["-p", "127.0.0.1::8080", "-p", "127.0.0.1::8082"]

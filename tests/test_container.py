@@ -6,6 +6,7 @@ API outside, SIGTERM, and each refusal as one line."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -22,12 +23,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.flood import PLAN, flood, raise_open_files_limit
 from handler.client import encoded, post
 from handler.server import Ports
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from container import LABEL, TEST_DIGIT_LABEL, ChartPod, Container, docker, predict, watch_start_up  # noqa: E402
+from container import (  # noqa: E402
+    LABEL,
+    TEST_DIGIT_LABEL,
+    ChartPod,
+    Container,
+    docker,
+    predict,
+    quantity_bytes,
+    watch_start_up,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -311,6 +322,27 @@ def registry_env(cassandra_settings, **more: str) -> dict[str, str]:
 
 
 @pytest.mark.cassandra
+def test_a_flood_leaves_the_locked_down_container_serving_within_its_memory_limit(image_with_model, chart, started):
+    # The floods of tests/test_flood.py against the container as the chart runs it: read-only, uid 1000, and the
+    # chart's memory limit (docker --memory), past which the kernel would kill it as the kubelet's cgroup does.
+    container = start(started, image_with_model, chart, host_network=True)
+    watch_start_up(container, chart, START_S)
+    raise_open_files_limit(max(count for _, count in PLAN) + 256)
+    for kind, count in PLAN:
+        report = asyncio.run(flood(container.url(), kind, count, 30.0))
+        print(f"\n{kind} {count}: {json.dumps(report.__dict__)}")
+        assert report.real_answered_share >= 0.9 and report.answer_after_s is not None, report
+        assert not {"reset", "refused", "broken"} & set(report.flood_statuses), report.flood_statuses
+    state = json.loads(docker("inspect", "--format", "{{json .State}}", container.id).stdout)
+    assert state["Running"] and not state["OOMKilled"] and state["Restarting"] is False, state
+    # The most the container's cgroup ever held: cgroup v2's memory.peak, or v1's max_usage_in_bytes.
+    read = container.exec("cat", "/sys/fs/cgroup/memory.peak", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes")
+    peak = int(read.stdout.split()[0])
+    assert peak < quantity_bytes(chart.container["resources"]["limits"]["memory"]), peak
+    print(f"peak memory {peak / 2**20:.0f} MiB of the chart's {chart.container['resources']['limits']['memory']}")
+    assert "OutOfMemoryError" not in container.logs()
+
+
 def test_serves_a_registry_alias_from_the_local_node(image, chart, started, published, cassandra_settings):
     container = start(
         started, image, chart, host_network=True, **registry_env(cassandra_settings, MODEL_VERSION=published)

@@ -124,7 +124,7 @@ def test_usage_errors_exit_2(tmp_path):
         assert done.returncode == 2 and "docker/install.sh python cpu|gpu PREFIX" in done.stderr, args
 
 
-def test_the_system_step_resolves_the_java_runtime_on_debian_12():
+def test_the_system_step_resolves_the_java_runtime_and_nginx_on_debian_12():
     """The image's base is Debian 12 (bookworm), like this machine: the pinned JRE must be installable."""
     release = Path("/etc/os-release").read_text()
     if "VERSION_CODENAME=bookworm" not in release or not shutil.which("apt-get"):
@@ -138,7 +138,7 @@ def test_the_system_step_resolves_the_java_runtime_on_debian_12():
         )  # a fresh machine has no package lists yet
     done = subprocess.run([str(INSTALL), "system", "--dry-run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "openjdk-17-jre-headless=17.0.* resolves" in done.stderr
+    assert "openjdk-17-jre-headless=17.0.* and nginx=1.22.1-9+deb12u* resolve" in done.stderr
 
 
 # --- the Dockerfile ------------------------------------------------------------------------------------

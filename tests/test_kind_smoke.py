@@ -234,6 +234,14 @@ def test_kind_smoke_test_passes(archive, tmp_path):
     malformed = figures["malformed_bodies"]["malformed_bodies"]
     assert malformed["refused_with_a_reason"] == malformed["malformed"] == 4 and malformed["digit_after"]
     assert all(400 <= status < 500 for status in malformed["statuses"].values()), malformed
+    # The floods through the Service (bench/flood.py in a pod): every one turned away or answered, the real digits
+    # beside them answered, a digit answered again after each, and no serving container restarted.
+    floods = figures["flood"]["floods"]
+    assert [(f["flood"], f["count"]) for f in floods] == [("uploads", 300), ("uploads", 1000), ("slow", 200)], floods
+    for flood in floods:
+        assert flood["real_answered_share"] >= 0.9 and flood["answer_after_s"] is not None, flood
+        assert not {"reset", "refused", "broken", "held"} & set(flood["flood_statuses"]), flood
+    assert figures["flood"]["restarts_during_floods"] == 0
     assert figures["serving_container"]["uid"] == 1000
     assert "Read-only file system" in figures["serving_container"]["touch_root"]
     policy = figures["network_policy"]
