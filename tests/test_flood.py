@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -22,15 +23,16 @@ from handler.front import FrontError, Limits, nginx_binary, nginx_config, write_
 from handler.server import Ports, Server, ready, start_torchserve
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from container import quantity_bytes  # noqa: E402
+
 HOLD_S = 30.0  # slow uploads wait this long for the server to drop them (nginx: client_body_timeout, 10 s)
 
 
 def memory_limit() -> int:
     """The serving container's memory limit in the chart, in bytes."""
     values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values.yaml").read_text())
-    limit = values["resources"]["limits"]["memory"]
-    units = {"Gi": 2**30, "Mi": 2**20}
-    return int(float(limit[:-2]) * units[limit[-2:]])
+    return quantity_bytes(values["resources"]["limits"]["memory"])
 
 
 @pytest.fixture(scope="module")
