@@ -66,10 +66,13 @@ def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archi
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
+    servers = ["ours (nginx + TorchServe 0.12)", "TorchServe alone, no nginx", "KServe 0.21.0, 1 worker"]
     for connections in (1, 4):
-        rows = [line.split() for line in lines if line.strip().startswith(f"{connections}  ")]
-        servers = [" ".join(row[1:4]) for row in rows]
-        assert servers == ["ours (TorchServe 0.12)", "KServe 0.21.0, 1"], lines  # both, in that order
+        rows = [line for line in lines if line.strip().startswith(f"{connections}  ")]
+        named = [next((server for server in servers if server in row), row) for row in rows]
+        assert named == servers, lines  # all three, in that order
+        kept = next(line for line in lines if line.startswith(f"nginx in front, {connections} connections: "))
+        assert "of TorchServe alone's req/s (target >= 95%: " in kept and kept.endswith(("met)", "MISSED)")), kept
     assert sum("ours / peer" in line for line in lines) == 2
     assert any(line.startswith("TorchServe alone (a no-op handler") for line in lines)
     for target in ("p50 <= 1.5 ms", ">= 600 req/s", "CPU <= 1.5 ms/request", ">= 2 x the peer's req/s", "p99 <= 50 ms"):
