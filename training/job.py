@@ -73,9 +73,11 @@ def run(
 
     state = train(mnist, config, resume, on_epoch=checkpoint)
     train_seconds = time.perf_counter() - started
+    trained_on = str(next(state.model.parameters()).device)
 
     test_x, test_y = to_tensors(mnist.test_images, mnist.test_labels)
-    test_loss, test_accuracy, predicted = evaluate(state.model, torch.device("cpu"), test_x, test_y)
+    # Scored on the CPU, where the exported model is checked and served.
+    test_loss, test_accuracy, predicted = evaluate(state.model.cpu(), torch.device("cpu"), test_x, test_y)
     # Stage everything beside `out`, so a failure below leaves the previous outputs as they were.
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
         staging = Path(staging)
@@ -95,7 +97,7 @@ def run(
             "data_fingerprint": mnist.fingerprint(),
             "data_origin": mnist.origin,
             "seed": config.seed,
-            "device": str(next(state.model.parameters()).device),
+            "device": trained_on,
             "parameters": asdict(config),
             "model": {
                 "class": Net.__name__,
