@@ -335,3 +335,19 @@ def test_two_ranks_from_cassandra_read_half_each(full_load, cassandra, cassandra
     assert epochs == [1]  # from rank 0 alone
     assert done.stdout.count("checkpoints: each epoch goes to the database") == 1
     assert not (tmp_path / "r1" / "out").exists()
+
+
+# --- make bench-train's layouts and table ------------------------------------------------------------------------
+
+
+def test_bench_train_compares_one_rank_with_every_core_and_two_ranks(monkeypatch):
+    from bench import train as bench_train
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert bench_train.layouts(torch.device("cpu")) == ([(1, 2), (2, 1)], None)
+    shown = bench_train.table(
+        [bench_train.Figures(1, 2, "cpu", 20_000, 2.5, 2.5), bench_train.Figures(2, 1, "cpu", 20_000, 4.0, 3.0)], 128
+    )
+    assert "1 x 2            cpu          8,000     2.50     15.9  -" in shown
+    assert "2 x 1            cpu          5,000     4.00     25.5  25% (6.4 ms)" in shown
+    assert "2 x 1 against 1 x 2: 0.62x the images/s" in shown
