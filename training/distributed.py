@@ -163,11 +163,18 @@ def shard(count: int, rank: int, world: int) -> np.ndarray:
 # --- collectives (each is a plain local computation for one process) -------------------------------------
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective: NCCL moves only GPU tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sums(values: list[float]) -> list[float]:
     """The sums over all ranks of these numbers (counts, loss sums), in float64."""
     if size() == 1:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -176,9 +183,9 @@ def all_reduce_array(array: np.ndarray) -> np.ndarray:
     """Element-wise sums over all ranks of an int64 array (e.g. how often each id was read)."""
     if size() == 1:
         return array
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(collective_device())
     dist.all_reduce(tensor)
-    return tensor.numpy()
+    return tensor.cpu().numpy()
 
 
 def all_gather(value: T) -> list[T]:
