@@ -37,6 +37,9 @@ demo: venv ## Cassandra, load, train from it, archive, publish, serve from the r
 train: venv ## train the CNN, export verified TorchScript, write metrics and plots to artifacts/
 	$(PY) -m training train --out $(ARTIFACTS) $(TRAIN_FLAGS)
 
+bench-train: venv ## training speed: 1 rank x 2 threads beside 2 ranks x 1 thread (torchrun, gloo), with the all-reduce's share
+	$(PY) -m bench.train
+
 # --- Cassandra / Astra ---------------------------------------------------------------------------
 cassandra-up: ## start the local Cassandra 5.0 node (fetched once; nothing starts if one answers already)
 	scripts/cassandra.sh up
@@ -158,4 +161,4 @@ test-busy: venv ## the process-heavy tests beside a CPU hog on every core (TESTS
 clean: ## remove artifacts/ (caches outside the checkout stay)
 	rm -rf $(ARTIFACTS)
 
-.PHONY: help venv lock train lint test test-busy clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db
+.PHONY: help venv lock train bench-train lint test test-busy clean cassandra-up cassandra-down cassandra-status astra-local-up astra-local-down load-data train-db predict-table bench-db

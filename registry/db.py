@@ -200,12 +200,14 @@ def retrying(attempt: Callable[[], T], seconds: float, report: Callable[[str], N
     raise AssertionError("unreachable")
 
 
-def token_ranges(count: int) -> list[tuple[int, int]]:
-    """Split the Murmur3 token ring into `count` contiguous (start, end] ranges of near-equal width."""
+def token_ranges(count: int, span: tuple[int, int] = (MIN_TOKEN, MAX_TOKEN)) -> list[tuple[int, int]]:
+    """Split the Murmur3 token ring (or its (start, end] part `span`) into `count` contiguous (start, end] ranges
+    of near-equal width."""
     if count < 1:
         raise ValueError(f"need at least one token range, got {count}")
-    width = (MAX_TOKEN - MIN_TOKEN) // count
-    bounds = [MIN_TOKEN + i * width for i in range(count)] + [MAX_TOKEN]
+    start, end = span
+    width = (end - start) // count
+    bounds = [start + i * width for i in range(count)] + [end]
     return list(itertools.pairwise(bounds))
 
 
@@ -222,8 +224,10 @@ def read_token_ranges(
     page_rows: int,
     ranges: int | None = None,
     on_rows: Callable[[int], None] = lambda count: None,
+    span: tuple[int, int] = (MIN_TOKEN, MAX_TOKEN),
 ) -> list[tuple]:
-    """Every row of `table` (selected columns), read as parallel token-range queries, in no order.
+    """Every row of `table` (selected columns) whose partition's token lies in `span` (by default the whole
+    ring), read as parallel token-range queries, in no order.
 
     `page_rows` bounds what the node assembles per request: a node builds each page on its heap,
     whatever columns are selected, so wide rows need small pages.
@@ -233,7 +237,7 @@ def read_token_ranges(
     )
     select.fetch_size = page_rows
     rows: list[tuple] = []
-    queries = ((select, bounds, 1) for bounds in token_ranges(ranges or default_range_count()))
+    queries = ((select, bounds, 1) for bounds in token_ranges(ranges or default_range_count(), span))
     for result, _ in windowed(session, queries, READ_WINDOW):
         while True:  # a range larger than a page: fetch the rest while the other ranges run
             page = result.current_rows

@@ -130,9 +130,12 @@ def open_database(settings=None):
 # --- train ------------------------------------------------------------------------------------
 
 
-def train_database(args: argparse.Namespace):
-    """A session when a train flag needs the database, else a context yielding None."""
-    needed = args.source == "cassandra" or args.checkpoints == "cassandra" or str(args.resume or "").startswith(PREFIX)
+def train_database(args: argparse.Namespace, main: bool = True):
+    """A session when a train flag needs the database, else a context yielding None. Of several ranks, only
+    rank 0 (main) resumes and saves checkpoints; every rank reads its share of the data."""
+    needed = args.source == "cassandra" or (
+        main and (args.checkpoints == "cassandra" or str(args.resume or "").startswith(PREFIX))
+    )
     return open_database() if needed else nullcontext()
 
 

@@ -109,9 +109,15 @@ class Images:
 
 
 def read_images(
-    session: Session, layout: Layout, split: str, ranges: int | None = None, progress: tqdm | None = None
+    session: Session,
+    layout: Layout,
+    split: str,
+    ranges: int | None = None,
+    progress: tqdm | None = None,
+    span: tuple[int, int] = (db.MIN_TOKEN, db.MAX_TOKEN),
 ) -> Images:
-    """Every image of a split's table, read in parallel token ranges, ordered by id."""
+    """Every image of a split's table (or of its partitions whose tokens lie in `span`), read in parallel token
+    ranges, ordered by id."""
     table = layout.table(split)
     rows = db.read_token_ranges(
         session,
@@ -121,6 +127,7 @@ def read_images(
         layout.page_rows,
         ranges,
         on_rows=progress.update if progress is not None else lambda count: None,
+        span=span,
     )
     if not rows:
         return Images(table, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 28, 28), np.uint8))
@@ -158,30 +165,47 @@ class CassandraMnist:
     expect_mnist_counts: bool = True  # False: take whatever row counts the tables hold
     ranges: int | None = None
 
-    def load(self) -> Mnist:
-        how_to_load = "python -m training load-data" + (" --layout notebook" if self.layout.name == "notebook" else "")
-        arrays = {}
-        with tqdm(
-            desc=f"reading {self.layout.name} tables", unit=" rows", file=sys.stderr, disable=None, leave=False
-        ) as bar:
-            for split, expected in (("train", TRAIN_COUNT), ("test", TEST_COUNT)):
-                images = read_images(self.session, self.layout, split, self.ranges, bar)
-                if not len(images.ids):
-                    raise DataError(f"{images.table} in {self.where} is empty; load MNIST with: {how_to_load}")
-                check_ids(images, how_to_load)
-                unlabelled = int((images.labels < 0).sum())
-                if unlabelled:
-                    raise DataError(
-                        f"{images.table}: {unlabelled:,} of {len(images.ids):,} rows have no label (the notebook put "
-                        f"Kaggle's unlabelled test.csv there); training needs labelled images: {how_to_load}"
-                    )
-                if self.expect_mnist_counts and len(images.ids) != expected:
-                    raise DataError(
-                        f"{images.table} holds {len(images.ids):,} images, MNIST has {expected:,}; load MNIST with "
-                        f"`{how_to_load}`, or pass --any-count to train on the rows that are there"
-                    )
-                arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.images, images.labels.astype(np.uint8)
+    @property
+    def how_to_load(self) -> str:
+        return "python -m training load-data" + (" --layout notebook" if self.layout.name == "notebook" else "")
+
+    @property
+    def origin(self) -> str:
         tables = f"{self.layout.table('train')}, {self.layout.table('test')}"
-        origin = f"cassandra {self.where}, {self.layout.name} layout ({tables})"
-        mnist = Mnist(**arrays, origin=origin)
+        return f"cassandra {self.where}, {self.layout.name} layout ({tables})"
+
+    def progress(self) -> tqdm:
+        return tqdm(desc=f"reading {self.layout.name} tables", unit=" rows", file=sys.stderr, disable=None, leave=False)
+
+    def check(self, table: str, rows: int, unlabelled: int, expected: int) -> None:
+        """What a table read in whole or in shares must satisfy, from its row counts (ids are checked apart)."""
+        if not rows:
+            raise DataError(f"{table} in {self.where} is empty; load MNIST with: {self.how_to_load}")
+        if unlabelled:
+            raise DataError(
+                f"{table}: {unlabelled:,} of {rows:,} rows have no label (the notebook put "
+                f"Kaggle's unlabelled test.csv there); training needs labelled images: {self.how_to_load}"
+            )
+        if self.expect_mnist_counts and rows != expected:
+            raise DataError(
+                f"{table} holds {rows:,} images, MNIST has {expected:,}; load MNIST with "
+                f"`{self.how_to_load}`, or pass --any-count to train on the rows that are there"
+            )
+
+    def read_checked(self, split: str, bar: tqdm) -> Images:
+        """A split's whole table, its ids and labels checked."""
+        images = read_images(self.session, self.layout, split, self.ranges, bar)
+        if len(images.ids):
+            check_ids(images, self.how_to_load)
+        expected = TRAIN_COUNT if split == "train" else TEST_COUNT
+        self.check(images.table, len(images.ids), int((images.labels < 0).sum()), expected)
+        return images
+
+    def load(self) -> Mnist:
+        arrays = {}
+        with self.progress() as bar:
+            for split in ("train", "test"):
+                images = self.read_checked(split, bar)
+                arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.images, images.labels.astype(np.uint8)
+        mnist = Mnist(**arrays, origin=self.origin)
         return mnist.check_counts(train=len(mnist.train_images), test=len(mnist.test_images))

@@ -10,8 +10,9 @@ from registry.db import DatabaseError
 from registry.store import RegistryError
 from training import cassandra_cli
 from training.data import DataError
+from training.distributed import DEFAULT_TIMEOUT_S, DistributedError
 from training.export import ExportError
-from training.train import TrainConfig
+from training.train import TrainConfig, pick_device
 
 DEFAULTS = TrainConfig()
 
@@ -76,12 +77,20 @@ def add_train(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train-limit", type=positive_int, help="train on the first N images only (quick trials)")
     parser.add_argument("--no-augment", action="store_true", help="no random rotations, scalings and shifts")
+    parser.add_argument(
+        "--rank-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others (to join, and at each step) before it stops "
+        "with an error naming what it waited for",
+    )
     cassandra_cli.add_train_options(parser)
     parser.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from training import job  # torch imports are slow; --help should not wait for them
+    from training import distributed, job  # torch imports are slow; --help should not wait for them
 
     config = TrainConfig(
         epochs=args.epochs,
@@ -93,12 +102,18 @@ def run_train(args: argparse.Namespace) -> None:
         train_limit=args.train_limit,
         augment=not args.no_augment,
     )
-    with cassandra_cli.train_database(args) as session:  # None unless a flag needs the database
-        source = cassandra_cli.train_source(args, session)
-        resume = cassandra_cli.train_resume(args, session, config)
-        metrics = job.run(
-            source, config, args.out, resume, on_epoch=cassandra_cli.train_checkpoints(args, session, config)
-        )
+    # Under torchrun (several ranks) the ranks join first; rank 0 alone reads the checkpoint to resume from and
+    # writes checkpoints, and the others take what it read.
+    with distributed.process_group(pick_device(config.device), args.rank_timeout):
+        main, me = distributed.is_main(), distributed.name()
+        with cassandra_cli.train_database(args, main) as session:  # None unless a flag needs the database
+            source = cassandra_cli.train_source(args, session)
+            resume = distributed.from_main(lambda: cassandra_cli.train_resume(args, session, config))
+            on_epoch = cassandra_cli.train_checkpoints(args, session, config) if main else None
+            metrics = job.run(source, config, args.out, resume, on_epoch=on_epoch)
+    if metrics is None:
+        distributed.log(f"{me}: done; rank 0 writes the outputs")
+        return
     print(
         f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) after {metrics['epochs']} "
         f"epochs "
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataError, ExportError, ValueError, DatabaseError, RegistryError) as error:
+    except (DataError, ExportError, ValueError, DatabaseError, RegistryError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

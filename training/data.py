@@ -70,6 +70,52 @@ class Mnist:
         return self
 
 
+@dataclass(frozen=True)
+class Share:
+    """One rank's part of MNIST under torchrun: its training images with their ids (their places in the whole
+    training set, ascending) and the size of the whole set. Only rank 0 scores the test set, so only rank 0
+    holds the test images."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    train_ids: np.ndarray
+    train_total: int  # training images over all ranks
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    origin: str
+    fingerprint: str | None = None  # of the whole data set, on rank 0
+
+
+def share_of(mnist: Mnist, ids: np.ndarray, with_test: bool) -> Share:
+    """The training images `ids` of data every rank holds (IDX files), with the test set where it is scored."""
+    test = slice(None) if with_test else slice(0, 0)
+    return Share(
+        mnist.train_images[ids],
+        mnist.train_labels[ids],
+        ids,
+        len(mnist.train_images),
+        mnist.test_images[test],
+        mnist.test_labels[test],
+        mnist.origin,
+    )
+
+
+def row_digests(images: np.ndarray, labels: np.ndarray) -> bytes:
+    """sha256 of each image's label and pixels, 32 bytes per image: ranks holding different rows can hash their
+    own, and the digests, put in id order, say what the whole set held."""
+    return b"".join(
+        hashlib.sha256(bytes([int(label)]) + np.ascontiguousarray(image).tobytes()).digest()
+        for image, label in zip(images, labels, strict=True)
+    )
+
+
+def rows_fingerprint(train_digests: bytes, test_digests: bytes) -> str:
+    """The fingerprint of a set read in shares: 'rows:' and the sha256 of the row digests, training then test,
+    each in id order. The same for any number of ranks; it differs from Mnist.fingerprint(), which needs all
+    the pixels in one place."""
+    return "rows:" + hashlib.sha256(train_digests + test_digests).hexdigest()
+
+
 class MnistSource(Protocol):
     """Where training data comes from: IDX files, the cached download, or Cassandra."""
 

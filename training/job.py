@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from training import export, report
-from training.data import MnistSource
+from training import distributed, export, report, shares
+from training.data import Mnist, MnistSource, Share
 from training.model import Net, count_macs
 from training.train import TrainConfig, TrainState, evaluate, to_tensors, train
 
@@ -50,32 +50,54 @@ def check_resumable(checkpoint: dict, config: TrainConfig, name) -> dict:
     return checkpoint
 
 
+def fingerprint(data: Mnist | Share) -> str:
+    """Of the whole data set: from the pixels where one process holds them all, else as the shares worked it out."""
+    return data.fingerprint() if isinstance(data, Mnist) else data.fingerprint
+
+
 def run(
     source: MnistSource,
     config: TrainConfig,
     out: Path,
     resume: dict | None = None,
     on_epoch: Callable[[TrainState], None] | None = None,
-) -> dict:
-    """Train, test, export and verify; then move every output into `out` at once. Returns the metrics."""
+) -> dict | None:
+    """Train, test, export and verify; then move every output into `out` at once. Returns the metrics.
+    Under torchrun every rank calls it: each trains on its share, rank 0 alone writes and returns the metrics,
+    the others return None."""
     started = time.perf_counter()
-    mnist = source.load()
-    print(
-        f"data: {len(mnist.train_images):,} training and {len(mnist.test_images):,} test images from {mnist.origin}",
-        file=sys.stderr,
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    world, main = distributed.size(), distributed.is_main()
+    if world == 1:
+        mnist = source.load()
+        print(
+            f"data: {len(mnist.train_images):,} training and {len(mnist.test_images):,} test images from "
+            f"{mnist.origin}",
+            file=sys.stderr,
+        )
+    else:
+        mnist = shares.load_share(source, distributed.rank(), world)
+        tested = f" and {len(mnist.test_images):,} test images" if main else ""
+        distributed.log(
+            f"{distributed.name()}: data: {len(mnist.train_ids):,} of the {mnist.train_total:,} training "
+            f"images{tested} from {mnist.origin}"
+        )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(state: TrainState) -> None:
         save_checkpoint(state, config, out / CHECKPOINT_FILE)
         if on_epoch is not None:  # e.g. the database as well (--checkpoints cassandra)
             on_epoch(state)
 
-    state = train(mnist, config, resume, on_epoch=checkpoint)
+    state = train(mnist, config, resume, on_epoch=checkpoint if main else lambda state: None)
+    if not main:
+        return None
     train_seconds = time.perf_counter() - started
+    trained_on = str(next(state.model.parameters()).device)
 
     test_x, test_y = to_tensors(mnist.test_images, mnist.test_labels)
-    test_loss, test_accuracy, predicted = evaluate(state.model, torch.device("cpu"), test_x, test_y)
+    # Scored on the CPU, where the exported model is checked and served.
+    test_loss, test_accuracy, predicted = evaluate(state.model.cpu(), torch.device("cpu"), test_x, test_y)
     # Stage everything beside `out`, so a failure below leaves the previous outputs as they were.
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
         staging = Path(staging)
@@ -92,10 +114,10 @@ def run(
             "epochs": config.epochs,
             "train_seconds": round(train_seconds, 1),
             "history": [asdict(h) for h in state.history],
-            "data_fingerprint": mnist.fingerprint(),
+            "data_fingerprint": fingerprint(mnist),
             "data_origin": mnist.origin,
             "seed": config.seed,
-            "device": str(next(state.model.parameters()).device),
+            "device": trained_on,
             "parameters": asdict(config),
             "model": {
                 "class": Net.__name__,
@@ -105,6 +127,7 @@ def run(
             "export": {"format": "torchscript", "max_logit_difference": worst, "tolerance": export.LOGIT_TOLERANCE},
             "confusion_matrix": matrix.tolist(),
             **report.environment(),
+            **report.lineage(world),
         }
         report.write_json(staging / METRICS_FILE, metrics)
         (out / METRICS_FILE).unlink(missing_ok=True)  # the old metrics must not vouch for a half-moved set

@@ -87,3 +87,14 @@ def write_json(path: Path, data: dict) -> None:
 
 def environment() -> dict:
     return {"torch_version": torch.__version__, "git_commit": git_commit()}
+
+
+# Set by whatever starts the job (the training chart, from the Job's name and its image), so that a published
+# version can say which run made it.
+LINEAGE_VARIABLES = {"job": "MNIST_TRAIN_JOB", "image": "MNIST_TRAIN_IMAGE"}
+
+
+def lineage(world_size: int) -> dict:
+    """How the run was made: its number of ranks, and the Job and image where the environment names them."""
+    found = {key: os.environ[name] for key, name in LINEAGE_VARIABLES.items() if os.environ.get(name)}
+    return {"world_size": world_size, **found}
