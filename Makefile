@@ -128,7 +128,7 @@ bench-image: image-with-model ## image sizes, seconds to probe-ready and first a
 	scripts/install-k8s-tools.sh helm >/dev/null
 	$(PY) scripts/container.py
 
-chart-lint: venv ## helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
+chart-lint: venv ## both charts: helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
 	scripts/chart-lint.sh
 
 cluster-up: ## a local Kubernetes 1.36 control plane (kwok) with 2 CPU and 2 GPU nodes; built once (~14 min), then ~5 s
