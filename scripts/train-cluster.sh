@@ -107,10 +107,11 @@ show_where_the_logs_are() {
   say "the pods:      kubectl --namespace $namespace get pods -l batch.kubernetes.io/job-name=$job -o wide"
 }
 
-job_state() { # Complete, Failed or nothing yet: the Job's final condition, with its reason and message
+job_state() { # Complete, Failed or nothing yet: the Job's outcome, with its reason and message. FailureTarget
+  # counts as Failed: the Job controller has decided, and is stopping the other ranks before it says Failed.
   k get job "$job" --output \
     'jsonpath={range .status.conditions[?(@.status=="True")]}{.type}{"|"}{.reason}{"|"}{.message}{"\n"}{end}' |
-    grep -E '^(Complete|Failed)\|' | head -n 1 || true
+    grep -E '^(Complete|Failed|FailureTarget)\|' | sed 's/^FailureTarget|/Failed|/' | head -n 1 || true
 }
 
 pods_summary() { # e.g. "2 Running" or "1 Running, 1 Pending (0/4 nodes are available: 2 Insufficient nvidia.com/gpu...)"
