@@ -3,7 +3,7 @@
 #
 #   targets   serve        the server; it downloads its model from the registry at start (the default)
 #             with-model   the same plus an archive built into the image (MODEL_SOURCE=image: kind, air-gapped)
-#             train        the training job (k8s/train-job.yaml): the same stack plus plots and the archiver
+#             train        the training run (charts/mnist-train): the same stack plus plots and the archiver
 #   args      VARIANT=cpu|gpu, TORCH_INDEX_URL (CPU-only torch, see docker/install.sh), MODEL_ARCHIVE,
 #             PYTHON_IMAGE, CUDA_IMAGE, CUDA_COMPAT=image|skip (docker/build.sh chooses them where the
 #             defaults cannot be pulled)
@@ -96,7 +96,7 @@ FROM runtime-venv AS serve
 EXPOSE 8080 8082
 ENTRYPOINT ["/opt/venv/bin/python", "/opt/mnist-serve/docker/entrypoint.py"]
 
-# --- the training job: `python -m training ...` (k8s/train-job.yaml runs train, archive, publish) ------
+# --- the training run: `python -m training ...` (charts/mnist-train: torchrun, archive, publish) ------
 FROM runtime-venv AS train
 COPY --from=builder-train /opt/training /opt/training
 COPY training/ /opt/mnist-serve/training/

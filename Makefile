@@ -124,14 +124,14 @@ image-gpu: ## build the GPU serving image (CUDA torch; without NVIDIA's base ima
 image-with-model: $(MAR) ## the CPU image with artifacts/model-store/mnist.mar inside (MODEL_SOURCE=image, for kind)
 	MODEL_ARCHIVE=$(MAR) docker/build.sh cpu --with-model
 
-image-train: ## build the GPU training image that k8s/train-job.yaml runs
+image-train: ## build the GPU training image that charts/mnist-train runs (docker/build.sh cpu --train: the CPU one, for kind)
 	docker/build.sh gpu --train
 
 bench-image: image-with-model ## image sizes, seconds to probe-ready and first answer, SIGTERM to exit, beside the targets
 	scripts/install-k8s-tools.sh helm >/dev/null
 	$(PY) scripts/container.py
 
-chart-lint: venv ## helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
+chart-lint: venv ## both charts: helm lint --strict, render every values file, validate against Kubernetes 1.36, test the output
 	scripts/chart-lint.sh
 
 cluster-up: ## a local Kubernetes 1.36 control plane (kwok) with 2 CPU and 2 GPU nodes; built once (~14 min), then ~5 s
@@ -143,10 +143,21 @@ cluster-down: ## delete that cluster
 cluster-status: ## is it up?
 	scripts/cluster.sh status
 
+# The training run on the current kube context: RANKS pods, VALUES (a values file of charts/mnist-train),
+# NAMESPACE, TRAIN_FLAGS for every rank, HELM_FLAGS passed to helm (--set image.repository=...).
+RANKS ?=
+VALUES ?=
+NAMESPACE ?=
+HELM_FLAGS ?=
+
+train-cluster: ## train on the current kube context's cluster (charts/mnist-train: RANKS=2 VALUES=FILE); logs, then the version published
+	scripts/train-cluster.sh $(if $(RANKS),--ranks $(RANKS)) $(if $(VALUES),--values $(VALUES)) \
+	  $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(TRAIN_FLAGS),--train-flags "$(TRAIN_FLAGS)") -- $(HELM_FLAGS)
+
 kind-smoke: venv $(MAR) ## kind cluster (node image from package registries): install, digits, NetworkPolicy, registry, upgrades under load
 	k8s/kind-smoke.sh
 
-.PHONY: image image-gpu image-with-model image-train bench-image chart-lint cluster-up cluster-down cluster-status kind-smoke
+.PHONY: image image-gpu image-with-model image-train bench-image chart-lint cluster-up cluster-down cluster-status train-cluster kind-smoke
 
 # --- checks -------------------------------------------------------------------------------------
 lint: venv ## ruff (lint, format) on the Python and shellcheck on the shell scripts; `scripts/lint.sh --fix` applies ruff's

@@ -6,7 +6,7 @@
 # Tags IMAGE:VERSION-VARIANT (IMAGE defaults to mnist-serve, VERSION is pyproject.toml's), with
 # "-model" appended for --with-model, which builds in MODEL_ARCHIVE (default artifacts/model-store/mnist.mar,
 # from make archive),
-# and "-train" for --train, the training image (k8s/train-job.yaml).
+# and "-train" for --train, the training image (charts/mnist-train).
 # TORCH_INDEX_URL, when set, is passed on: the cpu variant then gets torch's CPU-only build.
 # Prints the tag it built as the last line.
 set -o errexit -o nounset -o pipefail

@@ -5,6 +5,8 @@
 #   k8s/eks.sh push                build the GPU serving and training images, push both to ECR
 #   k8s/eks.sh secrets BUNDLE.zip  namespace, the Astra bundle Secret, and two tokens for two roles:
 #                                  the serving pods' (reader) and the training Job's (writer), read without echo
+#   k8s/eks.sh train [RANKS]       the training run on the GPU nodes (charts/mnist-train, values-eks-gpu.yaml, the ECR
+#                                  training image; RANKS default 2) through scripts/train-cluster.sh: logs, the version
 #   k8s/eks.sh install             helm install the chart with values-eks-gpu.yaml and the ECR image, then helm test
 #   k8s/eks.sh down [--yes]        helm uninstall, the namespace, the ECR repository and its images, the cluster
 #
@@ -138,6 +140,16 @@ token_secret() { # token_secret NAME PROMPT: a token typed without echo, straigh
   echo "eks: Secret $1 written"
 }
 
+train() {
+  local ranks="${1:-2}"
+  [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || fail "train $ranks: want a number of ranks, 1 or more (one per GPU node)"
+  require_tools aws kubectl
+  local uri
+  uri="$(ecr_uri)"
+  run "$ROOT/scripts/train-cluster.sh" --ranks "$ranks" --namespace "$NAMESPACE" \
+    --values "$ROOT/charts/mnist-train/values-eks-gpu.yaml" -- --set "image.repository=$uri"
+}
+
 install() {
   require_tools aws helm kubectl
   local uri
@@ -171,14 +183,14 @@ main() {
   [[ $# -gt 0 ]] && shift
   case "$command" in
     up | push | install) [[ $# -eq 0 ]] || fail "$command takes no arguments" ;;
-    secrets | down) ;;
+    secrets | down | train) ;;
     -h | --help | help)
       usage
       return
       ;;
     *)
       usage >&2
-      fail "${command:-no command}: expected up, push, secrets, install or down"
+      fail "${command:-no command}: expected up, push, secrets, train, install or down"
       ;;
   esac
   NAME="$(cluster_setting name)"

@@ -1,5 +1,5 @@
 """Shared fixtures: the real local Cassandra node and a fresh keyspace per test run, MNIST, the archives; and,
-from the helper modules at the end, a TorchServe per module, the pinned helm, the entrypoint's pod."""
+from the helper modules at the end, a TorchServe per module, the pinned helm, the kwok cluster, the entrypoint's pod."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def metrics_file(tmp_path_factory) -> Path:
 # holds those tests, a background job builds the tools one by one at low priority; a test that needs one still
 # runs scripts/install-k8s-tools.sh, which waits for a build under way (its lock) and skips a finished one.
 PREBUILT = ("helm", "kwok", "etcd", "kube", "gateway-api-crds", "kube-node", "kind", "coredns", "kube-router")
-NEED_TOOLS = {"test_chart_cluster.py", "test_kind_smoke.py"}
+NEED_TOOLS = {"test_chart_cluster.py", "test_train_chart_cluster.py", "test_kind_smoke.py"}
 _prebuild: list[subprocess.Popen] = []
 
 
@@ -289,6 +289,7 @@ def pytest_terminal_summary(terminalreporter):
 from bodies import zip_bomb  # noqa: E402
 from entrypoint_pod import pod, python  # noqa: E402, F401
 from helm_chart import helm  # noqa: E402, F401
+from kwok_cluster import api, kubeconfig  # noqa: E402, F401
 from served import allowed_origin, digits, known, server  # noqa: E402, F401
 
 

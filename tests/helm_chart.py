@@ -1,8 +1,10 @@
-"""The serving chart as the tests render it: where it is, the values files and cases every render covers, the
-pinned helm (the fixture `helm`, which tests/conftest.py offers to every module) and `helm template`."""
+"""The charts as the tests render them: where they are (the serving chart, the training chart), the values files
+and cases every render covers, the pinned helm (the fixture `helm`, which tests/conftest.py offers to every module)
+and `helm template`."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from training.config import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "mnist-serve"
+TRAIN_CHART = ROOT / "charts" / "mnist-train"
 KUBE_VERSION = "1.36.0"
 
 CASES = {
@@ -72,10 +75,10 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
 
 
-def render(helm: Path, *args: str) -> list[dict]:
+def render(helm: Path, *args: str, chart: Path = CHART, release: str = "mnist-serve") -> list[dict]:
     """Every object `helm template` renders (test hooks included), as dicts."""
     done = run_helm(
-        helm, "template", "mnist-serve", str(CHART), "--namespace", "serving", "--kube-version", KUBE_VERSION, *args
+        helm, "template", release, str(chart), "--namespace", "serving", "--kube-version", KUBE_VERSION, *args
     )
     assert done.returncode == 0, done.stderr
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
@@ -85,3 +88,23 @@ def server_pod(objects: list[dict]) -> dict:
     """The stable Deployment's pod template (not the canary's)."""
     (deployment,) = [o for o in objects if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-canary")]
     return deployment["spec"]["template"]
+
+
+def values_without_a_comment(path: Path, pass_through: set[str]) -> list[str]:
+    """The lines of a values file whose key has no comment line right above it ("NUMBER: LINE"), outside the blocks
+    named in pass_through (handed to Kubernetes as they are, documented by the comment above their own key)."""
+    lines = path.read_text().splitlines()
+    parents: list[tuple[int, str]] = []
+    missing = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)(?:- )?([A-Za-z0-9_./-]+):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        inside_pass_through = any(parent in pass_through for _, parent in parents)
+        if not inside_pass_through and not lines[number - 1].strip().startswith("#"):
+            missing.append(f"{number + 1}: {line.strip()}")
+        parents.append((indent, key))
+    return missing

@@ -15,7 +15,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, render, run_helm, server_pod
+from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, render, run_helm, server_pod, values_without_a_comment
 
 from handler.server import cors_properties
 
@@ -605,18 +605,5 @@ PASS_THROUGH = {
 
 @pytest.mark.parametrize("name", ["values.yaml", "values-kind.yaml", "values-eks-gpu.yaml"])
 def test_every_value_has_a_comment(name):
-    lines = (CHART / name).read_text().splitlines()
-    parents: list[tuple[int, str]] = []
-    missing = []
-    for number, line in enumerate(lines):
-        match = re.match(r"^(\s*)(?:- )?([A-Za-z0-9_./-]+):", line)
-        if not match:
-            continue
-        indent, key = len(match.group(1)), match.group(2)
-        while parents and parents[-1][0] >= indent:
-            parents.pop()
-        inside_pass_through = any(parent in PASS_THROUGH for _, parent in parents)
-        if not inside_pass_through and not lines[number - 1].strip().startswith("#"):
-            missing.append(f"{number + 1}: {line.strip()}")
-        parents.append((indent, key))
+    missing = values_without_a_comment(CHART / name, PASS_THROUGH)
     assert not missing, f"{name}: values without a comment above them:\n" + "\n".join(missing)

@@ -3,7 +3,8 @@
 EKS node groups (k8s/kwok/nodes.yaml: two CPU nodes, and two GPU nodes with one nvidia.com/gpu each and the
 GPU taint). The API server validates and stores every object, the scheduler places the pods, the
 Deployment, ReplicaSet, HPA, disruption and EndpointSlice controllers do their work; only the containers
-are simulated (kwok reports them Running). What needs real containers is the kind smoke test's."""
+are simulated (kwok reports them Running). What needs real containers is the kind smoke test's. The cluster and an
+API client on it are the fixtures of tests/kwok_cluster.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helm_chart import CHART, KUBE_VERSION
-from kubernetes import client, config, dynamic, watch
+from kubernetes import client, dynamic, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.resource import ResourceList
 
@@ -32,28 +33,6 @@ EKS_GPU = ["--values", str(CHART / "values-eks-gpu.yaml")]
 VALUES_FILES = ("values.yaml", "values-kind.yaml", "values-eks-gpu.yaml")
 # What a new namespace holds before anything is installed in it.
 NAMESPACE_DEFAULTS = {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
-
-
-def cluster_script(command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "scripts" / "cluster.sh"), command], capture_output=True, text=True, timeout=2400)
-
-
-@pytest.fixture(scope="module")
-def kubeconfig() -> Path:
-    """The cluster, started if it was not running (and then stopped again at the end)."""
-    was_running = cluster_script("status").returncode == 0
-    started = cluster_script("up")
-    if started.returncode != 0:
-        pytest.fail(f"scripts/cluster.sh up failed:\n{started.stdout[-3000:]}{started.stderr[-3000:]}")
-    yield cache_dir() / "kubeconfig"
-    if not was_running:
-        cluster_script("down")
-
-
-@pytest.fixture(scope="module")
-def api(kubeconfig) -> client.ApiClient:
-    with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
-        yield api_client
 
 
 @pytest.fixture

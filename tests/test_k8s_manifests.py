@@ -1,18 +1,16 @@
-"""k8s/: the training Job is a valid Kubernetes 1.36 object calling the project's real command lines, and the
-chart's GPU pods fit exactly the GPU nodes of the EKS cluster config and of the simulated cluster (k8s/kwok)."""
+"""k8s/: the EKS cluster config and its script, and the GPU pods of both charts (serving, training) fit exactly the
+GPU nodes of the EKS cluster config and of the simulated cluster (k8s/kwok)."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
-from helm_chart import CASES, KUBE_VERSION, render, server_pod
+from helm_chart import CASES, TRAIN_CHART, render, server_pod
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -26,49 +24,16 @@ def load(name: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def job() -> dict:
-    (job,) = load("train-job.yaml")
+def job(helm) -> dict:
+    """The training Job as charts/mnist-train renders it for EKS (values-eks-gpu.yaml)."""
+    objects = render(
+        helm, "--values", str(TRAIN_CHART / "values-eks-gpu.yaml"), chart=TRAIN_CHART, release="mnist-train"
+    )
+    (job,) = [o for o in objects if o["kind"] == "Job"]
     return job
 
 
-def test_the_training_job_is_valid(job):
-    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
-    pod = job["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert (
-        pod["securityContext"]["runAsNonRoot"] is True
-        and container["securityContext"]["readOnlyRootFilesystem"] is True
-    )
-    assert pod["automountServiceAccountToken"] is False
-
-
-def test_the_training_job_calls_the_real_command_lines(job):
-    """Each line of the Job's script is parsed by the project's own argument parsers, as it would run."""
-    from registry import cli as registry_cli
-    from training import cli
-
-    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    commands = [
-        shlex.split(line.replace("$TRAIN_FLAGS", "")) for line in script.splitlines() if line.startswith("python")
-    ]
-    assert [c[:3] for c in commands] == [
-        ["python", "-m", "training"],
-        ["python", "-m", "handler.archive"],
-        ["python", "-m", "registry.cli"],
-    ]
-    train = cli.parser().parse_args(commands[0][3:])
-    assert (train.command, train.source, train.device, str(train.out)) == ("train", "cassandra", "cuda", "/work/out")
-    archive_help = subprocess.run(
-        [sys.executable, "-m", "handler.archive", "--help"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert all(flag in archive_help.stdout for flag in commands[1][3::2])
-    publish = registry_cli.parser().parse_args(commands[2][3:])
-    assert publish.command == "publish" and str(publish.archive) == f"{commands[1][-1]}/mnist.mar"
-    assert str(publish.metrics) == f"{train.out}/metrics.json" and f"{train.out}/model.pt" in commands[1]
-
-
-def test_the_training_job_uses_the_charts_secrets_and_settings(job):
+def test_the_training_job_uses_the_serving_charts_bundle_and_the_writers_token(job):
     values = yaml.safe_load((ROOT / "charts" / "mnist-serve" / "values-eks-gpu.yaml").read_text())
     pod = job["spec"]["template"]["spec"]
     secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
@@ -110,7 +75,7 @@ def fits(pod: dict, labels: dict, taints: list[dict]) -> bool:
     return all(tolerated(taint) for taint in taints if taint["effect"] in ("NoSchedule", "NoExecute"))
 
 
-def test_gpu_pods_fit_only_the_gpu_node_group(helm):  # noqa: F811
+def test_gpu_pods_fit_only_the_gpu_node_group(helm, job):  # noqa: F811
     group = gpu_node_group()
     # EKS labels every node of a managed node group with its name.
     labels = {
@@ -124,8 +89,9 @@ def test_gpu_pods_fit_only_the_gpu_node_group(helm):  # noqa: F811
     assert not fits(cpu_pod, labels, group["taints"])
     cpu_group = {"eks.amazonaws.com/nodegroup": "cpu"}
     assert fits(cpu_pod, cpu_group, []) and not fits(gpu_pod, cpu_group, [])
-    (job,) = load("train-job.yaml")
     assert fits(job["spec"]["template"]["spec"], labels, group["taints"])
+    # One rank per GPU node: the node group can hold every rank of the EKS values at once.
+    assert job["spec"]["parallelism"] <= group["maxSize"]
 
 
 def test_gpu_pods_fit_only_the_simulated_gpu_nodes(helm):  # noqa: F811
@@ -216,4 +182,16 @@ def test_eks_down_removes_everything_it_made_release_first_cluster_last():
         "eksctl delete cluster",
     ]
     wrong = eks("teardown")
-    assert wrong.returncode == 1 and "expected up, push, secrets, install or down" in wrong.stderr
+    assert wrong.returncode == 1 and "expected up, push, secrets, train, install or down" in wrong.stderr
+
+
+def test_eks_train_runs_the_training_chart_with_the_pushed_training_image(job):
+    (command,) = planned("train", "3")
+    assert command[0] == str(ROOT / "scripts" / "train-cluster.sh")
+    assert command[command.index("--ranks") + 1] == "3" and command[command.index("--namespace") + 1] == "mnist"
+    assert command[command.index("--values") + 1] == str(TRAIN_CHART / "values-eks-gpu.yaml")
+    assert command[command.index("--") + 1 :] == ["--set", "image.repository=ECR_URI"]
+    # The tag the chart then runs is the one k8s/eks.sh push pushed.
+    pushed = {c[2] for c in planned("push") if c[:2] == ["docker", "push"]}
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"].replace("mnist-serve:", "ECR_URI:") in pushed
+    assert eks("train", "none").returncode == 1
