@@ -60,21 +60,18 @@ class Report:
     retry_after_seen: bool = False
 
 
-async def request(host: str, port: int, path: str, body: bytes, content_type: str, timeout: float) -> tuple:
-    """One POST on a fresh connection: (status or what went wrong, response headers, response body)."""
+async def exchange(host: str, port: int, data: bytes, timeout: float, silent: str) -> tuple:
+    """DATA sent on a fresh connection and the response read within TIMEOUT: (status, or what went wrong, response
+    headers, response body). SILENT names a server that said nothing in time."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
     except (TimeoutError, OSError):
         return "refused", {}, b""
     try:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        writer.write(head + body)
+        writer.write(data)  # no drain: a server may answer before it has read a large body (a 413, a 429)
         return await asyncio.wait_for(read_response(reader), timeout)
     except TimeoutError:
-        return "timeout", {}, b""
+        return silent, {}, b""
     except (ConnectionResetError, BrokenPipeError):
         return "reset", {}, b""
     except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -83,6 +80,15 @@ async def request(host: str, port: int, path: str, body: bytes, content_type: st
         writer.close()
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 1)
+
+
+async def request(host: str, port: int, path: str, body: bytes, content_type: str, timeout: float) -> tuple:
+    """One POST on a fresh connection."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return await exchange(host, port, head.encode() + body, timeout, "timeout")
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple:
@@ -103,27 +109,13 @@ async def read_response(reader: asyncio.StreamReader) -> tuple:
 
 
 async def slow_upload(host: str, port: int, path: str, hold_s: float) -> tuple:
-    """Headers and 1,000 of 1,000,000 declared bytes, then nothing: what the server does about it within hold_s."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-    except (TimeoutError, OSError):
-        return "refused", {}, b""
-    try:
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {BODY_BYTES}\r\n\r\n".encode()
-            + b"\0" * 1000
-        )
-        await writer.drain()
-        return await asyncio.wait_for(read_response(reader), hold_s)
-    except TimeoutError:
-        return "held", {}, b""  # still open when we gave up: the server never timed it out
-    except (ConnectionResetError, BrokenPipeError):
-        return "reset", {}, b""
-    except (OSError, asyncio.IncompleteReadError, ValueError):
-        return "broken", {}, b""
-    finally:
-        writer.close()
+    """Headers and 1,000 of 1,000,000 declared bytes, then nothing: what the server does about it within hold_s
+    ("held": nothing, the connection still open)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {BODY_BYTES}\r\n\r\n"
+    )
+    return await exchange(host, port, head.encode() + b"\0" * 1000, hold_s, "held")
 
 
 async def real_digits(

@@ -6,6 +6,7 @@ and then stopped again at the end."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,22 @@ def kubeconfig() -> Path:
 def api(kubeconfig) -> client.ApiClient:
     with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
         yield api_client
+
+
+def scheduler_refusal(api, namespace: str, pod: client.V1Pod, timeout: float = 60) -> str:
+    """The scheduler's message on a pod it cannot place (its PodScheduled condition, Unschedulable), once it says it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = next(
+            (
+                c.message
+                for c in pod.status.conditions or ()
+                if c.type == "PodScheduled" and c.reason == "Unschedulable"
+            ),
+            "",
+        )
+        if message:
+            return message
+        assert time.monotonic() < deadline, pod.status
+        time.sleep(1)
+        pod = client.CoreV1Api(api).read_namespaced_pod(pod.metadata.name, namespace)

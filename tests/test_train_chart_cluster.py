@@ -18,6 +18,7 @@ import pytest
 from helm_chart import TRAIN_CHART
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from kwok_cluster import scheduler_refusal
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -166,12 +167,6 @@ def wait_for_pods(api, namespace: str, job: str, count: int, running: int, timeo
         time.sleep(1)
 
 
-def unschedulable_reason(pod: client.V1Pod) -> str:
-    return next(
-        (c.message for c in pod.status.conditions or () if c.type == "PodScheduled" and c.reason == "Unschedulable"), ""
-    )
-
-
 def end_rank(api, namespace: str, pod: client.V1Pod, exit_code: int, message: str, disrupted: bool = False) -> None:
     """The status the kubelet would report for the rank's container ending with EXIT_CODE and MESSAGE (its
     termination message); with DISRUPTED, as a pod the cluster evicted."""
@@ -273,12 +268,7 @@ def test_more_ranks_than_gpus_leave_the_extra_rank_pending_and_it_says_why(helm,
     pods = wait_for_pods(api, namespace, "gpu-mnist-train", count=3, running=2)
     assert sorted(pod.spec.node_name for pod in pods if pod.status.phase == "Running") == ["gpu-0", "gpu-1"]
     (pending,) = [pod for pod in pods if pod.status.phase == "Pending"]
-    deadline = time.monotonic() + 60
-    while not unschedulable_reason(pending):
-        assert time.monotonic() < deadline, pending.status
-        time.sleep(1)
-        pending = client.CoreV1Api(api).read_namespaced_pod(pending.metadata.name, namespace)
-    assert "Insufficient nvidia.com/gpu" in unschedulable_reason(pending)
+    assert "Insufficient nvidia.com/gpu" in scheduler_refusal(api, namespace, pending)
     assert not pending.spec.node_name
 
 
