@@ -214,6 +214,28 @@ def tree_rss(processes: list) -> int:
     return total
 
 
+class PeakMemory:
+    """The most resident memory PROCESSES (and their children) held while the with-block ran, sampled every 0.2 s."""
+
+    def __init__(self, processes: list):
+        self.processes = processes
+        self.peak = tree_rss(processes)
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, tree_rss(self.processes))
+
+    def __enter__(self) -> PeakMemory:
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._sampler.join()
+
+
 def serve_and_flood(archive: Path, front_on: bool, plan, hold_s: float, digit: Path) -> list[dict]:
     """The server of `make serve` (or TorchServe alone) on free ports, each flood of plan against it in turn."""
     import tempfile
@@ -226,29 +248,16 @@ def serve_and_flood(archive: Path, front_on: bool, plan, hold_s: float, digit: P
     with tempfile.TemporaryDirectory() as logs:
         with start_torchserve(archive, Path(logs), Ports.free(), front_on=front_on) as server:
             processes = [psutil.Process(server.process.pid)] + ([psutil.Process(server.front.pid)] if front_on else [])
-            for kind, count in plan:
-                peak, done = [tree_rss(processes)], threading.Event()
-
-                def sample(peak=peak, done=done) -> None:
-                    while not done.wait(0.2):
-                        peak[0] = max(peak[0], tree_rss(processes))
-
-                sampler = threading.Thread(target=sample, daemon=True)
-                sampler.start()
-                report = (
-                    asyncio.run(flood(server.url(), kind, count, hold_s, digit))
-                    if server.process.poll() is None
-                    else None
-                )
-                done.set()
-                sampler.join()
+            for kind, count in plan:  # each while the server still answers (the loop stops when it does not)
+                with PeakMemory(processes) as memory:
+                    report = asyncio.run(flood(server.url(), kind, count, hold_s, digit))
                 alive = ready(server)  # answers /ping and a prediction (a launcher can outlive its JVM)
                 results.append(
                     {
                         "server": "nginx + TorchServe" if front_on else "TorchServe alone",
-                        **(asdict(report) if report else {"flood": kind, "count": count}),
+                        **asdict(report),
                         "server_alive": alive,
-                        "peak_rss_mb": round(peak[0] / 2**20),
+                        "peak_rss_mb": round(memory.peak / 2**20),
                     }
                 )
                 if not alive:

@@ -11,14 +11,13 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from bench.flood import PLAN, flood, raise_open_files_limit, tree_rss
+from bench.flood import PLAN, PeakMemory, flood, raise_open_files_limit
 from handler.front import FrontError, Limits, nginx_binary, nginx_config, write_config
 from handler.server import Ports, Server, ready, start_torchserve
 
@@ -47,20 +46,10 @@ def flooded(archive, tmp_path_factory) -> Server:
 @pytest.mark.parametrize(("kind", "count"), PLAN, ids=[f"{kind}-{count}" for kind, count in PLAN])
 def test_a_flood_is_turned_away_while_real_digits_are_answered(flooded, kind, count):
     processes = [psutil.Process(flooded.process.pid), psutil.Process(flooded.front.pid)]
-    peak, done = [tree_rss(processes)], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.2):
-            peak[0] = max(peak[0], tree_rss(processes))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakMemory(processes) as memory:
         report = asyncio.run(flood(flooded.url(), kind, count, HOLD_S))
-    finally:
-        done.set()
-        sampler.join()
-    print(f"\n{kind} {count}: {json.dumps(report.__dict__)}; peak {peak[0] / 2**20:.0f} MiB")
+    peak = memory.peak
+    print(f"\n{kind} {count}: {json.dumps(report.__dict__)}; peak {peak / 2**20:.0f} MiB")
 
     statuses = report.flood_statuses
     if kind == "uploads":  # every upload answered: by the handler (random bytes are no image) or 429 at once
@@ -73,7 +62,7 @@ def test_a_flood_is_turned_away_while_real_digits_are_answered(flooded, kind, co
     assert report.answer_after_s is not None, report  # a digit answered again once it is over (within 60 s)
     assert ready(flooded), "the server stopped answering"
     assert flooded.process.poll() is None and flooded.front.poll() is None
-    assert peak[0] < memory_limit(), f"peak {peak[0] / 2**20:.0f} MiB over the chart's limit"
+    assert peak < memory_limit(), f"peak {peak / 2**20:.0f} MiB over the chart's limit"
     assert "OutOfMemoryError" not in (flooded.log_dir / "ts_log.log").read_text(errors="replace")
 
 
