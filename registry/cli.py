@@ -42,8 +42,44 @@ def publish(registry: Registry, args: argparse.Namespace) -> None:
     )
 
 
+def run_text(version: ModelVersion) -> str:
+    """How the version was trained, from its metrics' lineage: "2 ranks, Job mnist-train, image ..." or "-"."""
+    ranks = version.metrics.get("world_size")
+    parts = [f"{ranks} rank{'s' if ranks != 1 else ''}"] if ranks else []
+    parts += [
+        f"{label} {version.metrics[key]}"
+        for key, label in (("job", "Job"), ("image", "image"))
+        if version.metrics.get(key)
+    ]
+    return ", ".join(parts) or "-"
+
+
+def record(version: ModelVersion) -> dict:
+    """What `list --json` and `show --json` print of a version: the fields show prints, as JSON values."""
+    return {
+        "version": version.version,
+        "aliases": version.aliases,
+        "created": version.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "archive": version.archive_name,
+        "size": version.size,
+        "chunk_count": version.chunk_count,
+        "sha256": version.sha256,
+        "test_accuracy": version.test_accuracy,
+        "test_loss": version.test_loss,
+        "epochs": version.epochs,
+        "parameters": version.parameters,
+        "data_fingerprint": version.data_fingerprint,
+        "git_commit": version.git_commit,
+        "torch_version": version.torch_version,
+        "run": {key: version.metrics[key] for key in ("world_size", "job", "image") if key in version.metrics},
+    }
+
+
 def list_versions(registry: Registry, args: argparse.Namespace) -> None:
     versions = registry.versions()
+    if args.json:
+        print(json.dumps([record(v) for v in versions], indent=2))
+        return
     if not versions:
         print("no versions yet; publish one with: mnist-registry publish ARCHIVE.mar --metrics metrics.json")
         return
@@ -60,6 +96,9 @@ def list_versions(registry: Registry, args: argparse.Namespace) -> None:
 
 def show(registry: Registry, args: argparse.Namespace) -> None:
     v = registry.get(args.version)
+    if args.json:
+        print(json.dumps(record(v), indent=2))
+        return
     details = {
         "version": v.version,
         "aliases": ", ".join(v.aliases) or "-",
@@ -74,6 +113,7 @@ def show(registry: Registry, args: argparse.Namespace) -> None:
         "data fingerprint": v.data_fingerprint,
         "git commit": v.git_commit,
         "torch version": v.torch_version,
+        "run": run_text(v),
     }
     width = max(map(len, details))
     for key, value in details.items():
@@ -173,20 +213,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, required=True, help="metrics.json written by `python -m training train`")
     p.add_argument("--version", help="version name (default: the next whole number, 1, 2, 3...)")
 
-    command(
+    p = command(
         "list",
         list_versions,
         "list the versions, oldest first",
         "List every complete version with its test accuracy, size, sha256 and aliases.",
     )
+    p.add_argument("--json", action="store_true", help="one JSON list of what show prints of each version, for scripts")
 
     p = command(
         "show",
         show,
         "everything recorded about a version",
-        "Show what publish recorded about a version (or the version an alias points at).",
+        "Show what publish recorded about a version (or the version an alias points at), with the run that trained "
+        "it: its ranks, and the Job and image where the training chart ran it.",
     )
     p.add_argument("version", metavar="VERSION|ALIAS")
+    p.add_argument("--json", action="store_true", help="the same as one JSON object, for scripts")
 
     p = command(
         "download",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,31 @@ def test_publish_list_show_download_round_trip_with_the_cli(cassandra_env, model
     assert downloaded.returncode == 0, downloaded.stderr
     assert (tmp_path / "store" / "mnist.mar").read_bytes() == model_archive.read_bytes()
     assert os.listdir(tmp_path / "store") == ["mnist.mar"]  # no temporary file left behind
+
+
+def test_list_and_show_in_json_carry_the_run_that_trained_the_version(
+    cassandra_env, model_archive, metrics_file, tmp_path
+):
+    """A script reads the registry as JSON; a version from the training chart says which run made it."""
+    from_chart = tmp_path / "metrics.json"
+    lineage = {"world_size": 2, "job": "mnist-train", "image": "mnist-serve:0.1.0-cpu-train"}
+    from_chart.write_text(json.dumps({**json.loads(metrics_file.read_text()), **lineage}))
+    published = registry_cli(
+        cassandra_env, "publish", str(model_archive), "--metrics", str(from_chart), "--version", "run-2"
+    )
+    assert published.returncode == 0, published.stderr
+
+    listed = registry_cli(cassandra_env, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = [v for v in json.loads(listed.stdout) if v["version"] == "run-2"]
+    assert entry["run"] == lineage and entry["sha256"] == hashlib.sha256(model_archive.read_bytes()).hexdigest()
+    assert entry["test_accuracy"] == 0.9931 and entry["size"] == model_archive.stat().st_size
+
+    shown = registry_cli(cassandra_env, "show", "run-2", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == entry
+    text = registry_cli(cassandra_env, "show", "run-2").stdout
+    assert "run:              2 ranks, Job mnist-train, image mnist-serve:0.1.0-cpu-train" in text
 
 
 def test_an_archive_of_many_chunks_comes_back_byte_for_byte(small_chunks, model_archive, metrics, tmp_path):
