@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The chart on a real cluster: a kind cluster (k8s/kind-cluster.yaml) on the node image of
-# k8s/kind/node-image.sh with the CPU image with the model built in preloaded (k8s/kind/preload.sh),
-# `helm install` with values-kind.yaml, and on real pods:
+# k8s/kind/node-image.sh with the CPU image with the model built in, and the CPU training image, preloaded
+# (k8s/kind/preload.sh), `helm install` with values-kind.yaml, and on real pods:
 #   - real digits in every input form through a port-forward, and `helm test`;
 #   - floods of uploads and slow uploads through the Service (bench/flood.py), beside real digits: no restart;
 #   - the serving container runs as uid 1000 on a read-only root filesystem;
@@ -10,6 +10,9 @@
 #   - zero downtime: while k8s/kind/load.py posts digits through the Service from inside the cluster,
 #     helm upgrade to the registry, to version 2, and a config change: every request counted;
 #   - the release cycle as the chart's rollout account: rollouts under load, one rolled back, a canary;
+#   - training on the cluster: a 2-rank Job (charts/mnist-train, values-kind.yaml) reads the MNIST tables of
+#     the local node and publishes a version, which is rolled out under load; a run whose rank is killed
+#     publishes nothing;
 #   - a serving container killed: failures and seconds until it serves again;
 #   - bad values refused, and a pod that cannot reach its registry says so in its status.
 # Then the cluster is deleted. Each phase is a function below, run in order by main; each prints its time
@@ -36,6 +39,11 @@ CACHE="${MNIST_SERVE_CACHE:-$HOME/.cache/mnist-serve}"
 BIN="$CACHE/bin"
 KIND="$BIN/kind" HELM="$BIN/helm" KUBECTL="$BIN/kubectl"
 CHART="$ROOT/charts/mnist-serve"
+TRAIN_CHART="$ROOT/charts/mnist-train"
+TRAIN_RELEASE=mnist-train  # its Job has the same name
+# The first N images of each MNIST split in the registry's keyspace, for the training Job: one epoch on 9,000
+# (1,000 held out) is a minute of the two ranks, and reads a 7 right.
+TRAINING_IMAGES=10000
 CLUSTER=mnist-serve-smoke  # as in k8s/kind-cluster.yaml
 NODE="$CLUSTER-control-plane"
 # The node container this script created last; a cluster of this name that is not it is someone else's.
@@ -53,15 +61,19 @@ SOCAT="socat=1.7.4.4-2"
 OUT="${KIND_SMOKE_OUT:-$ROOT/artifacts/kind-smoke}"
 SUMMARY="${KIND_SMOKE_SUMMARY:-$OUT/summary.json}"
 PHASES=(
-  preflight tools node_image serving_image preload host_accommodations cluster helm_install digits malformed_bodies
-  flood helm_test serving_container network_policy registry upgrades_under_load rollout_account rollouts_under_load
-  failed_rollout canary killed_container bad_values unreachable_registry teardown
+  preflight tools node_image serving_image training_image preload host_accommodations cluster helm_install digits
+  malformed_bodies flood helm_test serving_container network_policy registry upgrades_under_load rollout_account
+  rollouts_under_load failed_rollout canary cluster_training trained_rollout killed_rank killed_container bad_values
+  unreachable_registry teardown
 )
 
 # What the phases hand on to the later ones.
 work=""                 # a folder of this run's own, deleted at the end: kubeconfigs, probe outputs
 kind_image=""           # the node image, then the node image with the serving image preloaded
 serving_tag=""          # the serving image
+training_tag=""         # the training image
+gateway=""              # where the pods reach this host (the kind network's gateway), for the local node
+trained=""              # the version the 2-rank training Job published
 kind_path="$PATH"       # PATH for kind: where privileged containers cannot run, the wrapper first
 created=""              # set while the cluster is this run's to delete
 background=()           # processes to stop at the end: port-forward, socat, kind create
@@ -187,9 +199,16 @@ serving_image() { # the CPU image with the model built in
   figure_text serving_image "$serving_tag"
 }
 
-preload() { # the serving image in the node image's containerd (k8s/kind/preload.sh: once per serving image)
-  kind_image="$("$HERE/preload.sh" "$kind_image" "$serving_tag" | tail -n 1)"
-  echo "node image with the serving image: $kind_image"
+training_image() { # the CPU training image (charts/mnist-train), which shares the serving image's layers but its last
+  training_tag="$("$ROOT/docker/build.sh" cpu --train 2>"$OUT/training-image-build.log" | tail -n 1)" \
+    || { tail -n 30 "$OUT/training-image-build.log" >&2; fail "docker/build.sh cpu --train failed (its log: $OUT/training-image-build.log)"; }
+  echo "training image: $training_tag"
+  figure_text training_image "$training_tag"
+}
+
+preload() { # the serving and training images in the node image's containerd (k8s/kind/preload.sh: once per build)
+  kind_image="$("$HERE/preload.sh" "$kind_image" "$serving_tag" "$training_tag" | tail -n 1)"
+  echo "node image with the serving and training images: $kind_image"
   figure_text node_image "$kind_image"
   # Where Docker keeps its data, the cluster's node gets a copy of the preloaded containerd, the serving image
   # unpacked, and ~2.5 GB of control plane images, etcd and logs (its volume: 12.9 GB for the 5.3 GB image).
@@ -376,7 +395,6 @@ registry() { # two versions in the local Cassandra node, production -> 1, reacha
   mnist_registry promote 1 --alias production
   # The node listens on loopback; the pods reach this host at the kind network's gateway, where socat
   # forwards to it. Nothing outside this machine reaches that address.
-  local gateway
   gateway="$(docker network inspect kind --format '{{range .IPAM.Config}}{{.Gateway}} {{end}}' | tr ' ' '\n' | awk '/\./ && !found { print; found = 1 }')"
   "$ROOT/scripts/apt-install.sh" socat "$SOCAT"
   socat "TCP-LISTEN:9042,bind=$gateway,fork,reuseaddr" TCP:127.0.0.1:9042 &
@@ -494,6 +512,92 @@ canary() { # version 1 beside 2, then abort (mnist-registry canary)
   figure versions_after_abort "$(json_list "${versions[@]}")"
   [[ "$left" == "2 2 " ]] || fail "after the abort the serving pods are on versions '$left', not 2 and 2"
   echo "ok: after the abort only version 2 serves ($left)"
+}
+
+registry_versions() { # registry_versions FILE: mnist-registry list --json into FILE
+  mnist_registry list --json >"$1"
+}
+train_on_the_cluster() { # train_on_the_cluster TRAIN-FLAGS: scripts/train-cluster.sh, 2 ranks on the local node
+  # A quarter CPU each, as the serving pods: the control plane's 0.85 and the two serving pods' leave 0.65.
+  "$ROOT/scripts/train-cluster.sh" --values "$TRAIN_CHART/values-kind.yaml" --ranks 2 --namespace "$NAMESPACE" \
+    --release "$TRAIN_RELEASE" --train-flags "$1" -- --set "image.tag=${training_tag#*:}" \
+    --set "cassandra.hosts[0]=$gateway" --set "cassandra.keyspace=$KEYSPACE" --set resources.requests.cpu=250m
+}
+
+cluster_training() { # a 2-rank Job (charts/mnist-train) reads the MNIST tables of the local node, publishes a version
+  CASSANDRA_KEYSPACE=$KEYSPACE "$PY" -m training load-data --limit "$TRAINING_IMAGES"
+  registry_versions "$work/before-training.json"
+  local began=$SECONDS new
+  train_on_the_cluster "--epochs 1 --any-count --val-size 1000" 2>&1 | tee "$OUT/cluster-training.log" \
+    || fail "the 2-rank training Job failed (its output: $OUT/cluster-training.log)"
+  figure training_s $((SECONDS - began))
+  registry_versions "$work/after-training.json"
+  new="$("$PY" "$HERE/new_version.py" "$work/before-training.json" "$work/after-training.json")" \
+    || fail "the training Job did not publish one version"
+  figure published "$new"
+  trained="$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["version"])' "$new")"
+  # Its lineage names the run: two ranks, the Job, the image.
+  "$PY" -c 'import json, sys; run = json.loads(sys.argv[1])["run"]; sys.exit(run != {"world_size": 2, "job": sys.argv[2], "image": sys.argv[3]})' \
+    "$new" "$TRAIN_RELEASE" "$training_tag" || fail "version $trained does not record the 2-rank run of Job $TRAIN_RELEASE in $training_tag: $new"
+  echo "the 2-rank Job published version $trained in $((SECONDS - began)) s: $new"
+}
+
+trained_rollout() { # the version the Job published, rolled out under load (mnist-registry promote --deployment)
+  start_load load-trained
+  local began=$SECONDS load
+  registry_as_rollout promote "$trained" --alias production --deployment "deployment/$RELEASE" --timeout 300
+  figure rollout_s $((SECONDS - began))
+  load="$(stop_load load-trained)"
+  figure load "$load"
+  echo "version $trained rolled out under load through the Service: $load  (target: answers from 2 and $trained, 0 failed, 0 dropped)"
+  expect_load "$load" "requests failed during the rollout of the trained version, or it did not answer" \
+    --no-losses --versions 2 "$trained"
+  figure pinned_version "$(pinned "$RELEASE")"
+  [[ "$(pinned "$RELEASE")" == "$trained" ]] || fail "deployment/$RELEASE is pinned to $(pinned "$RELEASE"), not $trained"
+}
+
+killed_rank() { # rank 1 killed mid-run: the Job fails, rank 1's log says so, and no version is published
+  registry_versions "$work/before-kill.json"
+  # Epochs enough that the run is still training when the kill lands.
+  train_on_the_cluster "--epochs 30 --any-count --val-size 1000" >"$OUT/killed-rank.log" 2>&1 &
+  local training=$! pod="" pid="" status=0
+  background+=("$training")
+  local rank1="batch.kubernetes.io/job-name=$TRAIN_RELEASE,batch.kubernetes.io/job-completion-index=1"
+  until [[ -n "$pod" ]] && k wait --for=condition=Ready "$pod" --timeout 1s >/dev/null 2>&1; do
+    kill -0 "$training" 2>/dev/null || { cat "$OUT/killed-rank.log" >&2; fail "the run ended before rank 1 ran"; }
+    sleep 1
+    pod="$(k get pods -l "$rank1" -o name 2>/dev/null | head -n 1)"
+  done
+  # Its whole log, kept as it is written: the Job deletes the pods it stops.
+  k logs --follow "$pod" >"$work/rank-1.log" 2>&1 &
+  background+=("$!")
+  until grep -q "^rank 1 of 2: epoch 1/" "$work/rank-1.log"; do
+    kill -0 "$training" 2>/dev/null || { cat "$OUT/killed-rank.log" "$work/rank-1.log" >&2; fail "the run ended before rank 1's first epoch"; }
+    sleep 1
+  done
+  pid="$(sed -n 's/^rank 1 of 2 (pid \([0-9]*\)).*/\1/p' "$work/rank-1.log" | head -n 1)"
+  [[ -n "$pid" ]] || fail "rank 1's log names no pid: $(head -n 20 "$work/rank-1.log")"
+  echo "killing rank 1 (pid $pid in $pod) after its first epoch"
+  k exec "${pod#pod/}" -c train -- bash -c "kill -KILL $pid"
+  wait "$training" || status=$?
+  cp "$work/rank-1.log" "$OUT/killed-rank-1.log"
+  figure train_cluster_exit "$status"
+  ((status == 1)) || { cat "$OUT/killed-rank.log" >&2; fail "scripts/train-cluster.sh exited $status after a rank was killed, not 1"; }
+  local condition
+  # FailureTarget: the controller's decision, set before it has stopped the other rank (Failed comes after).
+  condition="$(k get job "$TRAIN_RELEASE" -o jsonpath='{.status.conditions[?(@.type=="FailureTarget")].reason}')"
+  figure_text job_failed_reason "$condition"
+  [[ "$condition" == PodFailurePolicy ]] || fail "the Job's Failed condition has reason '$condition', not PodFailurePolicy"
+  # torchrun's report in rank 1's pod names the rank and the signal.
+  local report
+  report="$(grep -E -A1 '^\s*rank\s*:\s*1 ' "$work/rank-1.log" | tr -s ' \n' ' ' || true)"
+  figure_text rank_1_report "$report"
+  [[ "$report" =~ exitcode\ *:\ *-9 ]] || fail "rank 1's log does not name its death by SIGKILL (exitcode -9): $(tail -n 20 "$work/rank-1.log")"
+  registry_versions "$work/after-kill.json"
+  "$PY" "$HERE/new_version.py" "$work/before-kill.json" "$work/after-kill.json" --none \
+    || fail "a run with a killed rank published a version"
+  figure published_versions 0
+  echo "ok: the Job failed ($condition), rank 1's log says '$report', and nothing was published"
 }
 
 killed_container() { # SIGKILL to a serving container under load: seconds until it serves again

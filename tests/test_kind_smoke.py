@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,17 +130,18 @@ def test_what_a_killed_node_image_build_left_mounted_is_unmounted_so_the_next_bu
 
 @pytest.mark.slow
 def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replaces_the_last_build(tmp_path):
-    """k8s/kind/preload.sh on the smoke test's node image with a one-file image in place of the serving one."""
+    """k8s/kind/preload.sh on the smoke test's node image with one-file images in place of the serving and the
+    training image."""
     subprocess.run([str(ROOT / "scripts" / "docker-engine.sh")], check=True)
     node = subprocess.run(
         [str(ROOT / "k8s" / "kind" / "node-image.sh")], capture_output=True, text=True, check=True
     ).stdout.split()[-1]
-    serving = "mnist-serve-preload-test:1"
+    serving, training = "mnist-serve-preload-test:1", "mnist-serve-preload-test:1-train"
 
-    def build_serving(content: str) -> None:
+    def build_serving(content: str, image: str = serving) -> None:
         (tmp_path / "file").write_text(content)
         done = subprocess.run(
-            f"tar -C {tmp_path} -c file | docker import - {serving}",
+            f"tar -C {tmp_path} -c file | docker import - {image}",
             shell=True,
             check=True,
             capture_output=True,
@@ -149,7 +151,7 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
 
     def preload() -> tuple[str, str]:
         done = subprocess.run(
-            [str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving], capture_output=True, text=True
+            [str(ROOT / "k8s" / "kind" / "preload.sh"), node, serving, training], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
         return done.stdout.split()[-1], done.stderr
@@ -162,6 +164,7 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
     container = f"mnist-serve-preload-test-{os.getpid()}"
     built = []
     try:
+        build_serving("training", training)
         build_serving("first")
         first, said = preload()
         built.append(first)
@@ -185,6 +188,7 @@ def test_a_preloaded_node_image_holds_the_serving_image_is_built_once_and_replac
                 break
             time.sleep(0.5)
         assert f"docker.io/library/{serving}\n" in held and "kube-apiserver:" in held, held
+        assert f"docker.io/library/{training}\n" in held, held
         subprocess.run(["docker", "rm", "--force", container], check=True, capture_output=True)
 
         again, said = preload()
@@ -272,6 +276,23 @@ def test_kind_smoke_test_passes(archive, tmp_path):
     assert set(canary["load"]["versions"]) == {"1", "2"} and canary["load"]["failed"] == 0, canary
     assert canary["versions_after_abort"] == ["2", "2"]
 
+    # Training on the cluster: the 2-rank Job published one version that records its run, rolled out under load
+    # without a loss (answers from 2, then from it); a run whose rank 1 is killed fails and publishes nothing.
+    published = figures["cluster_training"]["published"]
+    assert published["run"] == {
+        "world_size": 2,
+        "job": "mnist-train",
+        "image": figures["training_image"]["training_image"],
+    }, published
+    assert published["epochs"] == 1 and published["test_accuracy"] > 0.9, published
+    trained = figures["trained_rollout"]
+    assert lost(trained["load"]) == 0 and set(trained["load"]["versions"]) == {"2", published["version"]}, trained
+    assert str(trained["pinned_version"]) == published["version"]
+    killed_rank = figures["killed_rank"]
+    assert killed_rank["train_cluster_exit"] == 1 and killed_rank["job_failed_reason"] == "PodFailurePolicy"
+    assert re.search(r"rank : 1 \(local_rank: 0\) exitcode : -9", killed_rank["rank_1_report"]), killed_rank
+    assert killed_rank["published_versions"] == 0
+
     killed = figures["killed_container"]
     assert killed["restarts_after"] == killed["restarts_before"] + 1 and killed["ready_again_s"] < 300, killed
     assert killed["load"]["answered"] > 0, killed
@@ -282,3 +303,26 @@ def test_kind_smoke_test_passes(archive, tmp_path):
 def lost(load: dict) -> int:
     """Requests of a run of k8s/kind/load.py that failed or got no answer."""
     return load["failed"] + load["dropped"]
+
+
+@pytest.mark.parametrize(
+    ("after", "flags", "exit_code", "said"),
+    [
+        (["1", "2", "4"], [], 0, '"version": "4"'),
+        (["1", "2", "4", "5"], [], 1, "expected one new version, found: 4, 5"),
+        (["1", "2"], [], 1, "expected one new version, found: none"),
+        (["1", "2"], ["--none"], 0, ""),
+        (["1", "2", "4"], ["--none"], 1, "expected no new version, found: 4"),
+    ],
+)
+def test_new_version_tells_what_a_training_run_published(tmp_path, after, flags, exit_code, said):
+    """k8s/kind/new_version.py, the smoke test's judge of what a training Job added to the registry."""
+    for name, versions in (("before", ["1", "2"]), ("after", after)):
+        (tmp_path / f"{name}.json").write_text(json.dumps([{"version": v, "run": {"world_size": 2}} for v in versions]))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "k8s" / "kind" / "new_version.py"), "before.json", "after.json", *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == exit_code and said in done.stdout + done.stderr, done
