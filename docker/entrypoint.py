@@ -3,9 +3,9 @@
 
 It runs as PID 1. It takes the archive from the model registry (MODEL_SOURCE=registry: the version or
 alias MODEL_VERSION, checksum-verified by the registry code) or from the image (MODEL_SOURCE=image),
-checks it, starts TorchServe's Java frontend as its own child with its inference API on loopback, and nginx
-in front of it where clients connect (handler/front.py: bounded memory whatever the traffic), waits until a
-prediction is answered through nginx,
+checks it, starts TorchServe's Java frontend as its own child with its inference API on a Unix socket in
+TMPDIR/backend (a directory only this user can enter), and nginx in front of it where clients connect
+(handler/front.py: bounded memory whatever the traffic), waits until a prediction is answered through nginx,
 writes READY_FILE (the chart's startup probe checks it), and then waits until TorchServe exits. SIGTERM
 and SIGINT are forwarded, so TorchServe stops its workers and exits; its exit code becomes the
 container's. A failure exits non-zero with one message on stderr and in the termination log
@@ -20,7 +20,6 @@ Settings, from the environment (the image sets the paths; the chart sets the res
   TMPDIR             worker sockets, the unpacked archive, the run's config (writable; default /tmp)
   TORCHSERVE_CONFIG  config.properties to start from (default handler/config.properties of the repository)
   NUMBER_OF_GPU      GPUs TorchServe may give its workers (TorchServe's number_of_gpu; default 0: CPU)
-  BACKEND_PORT       TorchServe's inference port on 127.0.0.1, behind nginx (default 8079)
   NGINX              the nginx binary (the image's /usr/sbin/nginx; default: scripts/nginx.sh's)
   READY_TIMEOUT      seconds for the model to answer its first prediction (default 300)
   READY_FILE         written once a prediction was answered, removed at start and stop
@@ -68,8 +67,8 @@ def main() -> int:
         settings.ready_file.unlink(missing_ok=True)
         archive, origin, registry_version = fetch_archive(settings)
         model_version = check_archive(archive)
-        config, props, listen = write_run_config(settings)
-        backend = port_of(props["inference_address"])
+        backend = front.backend_socket(settings.tmp_dir / "backend")
+        config, props, listen = write_run_config(settings, backend)
         front_config = front.write_config(
             settings.tmp_dir / "nginx", listen, backend, props.get("cors_allowed_origin", "")
         )

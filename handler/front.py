@@ -14,6 +14,11 @@ from pathlib import Path
 HANDLER_DIR = Path(__file__).resolve().parent
 TEMPLATE = HANDLER_DIR / "nginx.conf"
 FETCH_SCRIPT = HANDLER_DIR.parent / "scripts" / "nginx.sh"  # in the checkout; the image sets NGINX instead
+# nginx passes requests to TorchServe over a Unix socket, not loopback TCP: no TCP/IP stack on either side of the
+# hop, for every request (TorchServe 0.12's frontend takes inference_address=unix:/PATH with its native epoll
+# transport, use_native_io's default). sockaddr_un holds 108 bytes, the final NUL among them.
+BACKEND_SOCKET_NAME = "inference.sock"
+SOCKET_PATH_MAX = 107
 
 
 class FrontError(RuntimeError):
@@ -30,11 +35,13 @@ class Limits:
     client_timeout_s: int = 10  # a client silent this long, in its headers or its body, is dropped
 
 
-def nginx_config(listen: str, backend_port: int, run_dir: Path, allowed_origin: str = "", limits=Limits()) -> str:
-    """handler/nginx.conf for one run: nginx on `listen` (HOST:PORT), TorchServe on 127.0.0.1:backend_port, its
-    files under run_dir, and the CORS header on nginx's own error answers when a page origin is allowed."""
+def nginx_config(listen: str, backend: Path, run_dir: Path, allowed_origin: str = "", limits=Limits()) -> str:
+    """handler/nginx.conf for one run: nginx on `listen` (HOST:PORT), TorchServe's inference API on the Unix
+    socket `backend`, its files under run_dir, and the CORS header on nginx's own error answers when a page
+    origin is allowed."""
     if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):\d{1,5}", listen):
         raise FrontError(f"listen {listen!r}: expected HOST:PORT")
+    check_socket_path(backend)
     cors = f"            add_header Access-Control-Allow-Origin {allowed_origin} always;\n" if allowed_origin else ""
     # Started by root, nginx would run its worker as nobody, which cannot write run_dir: keep root's user then.
     # (In the image it runs as uid 1000, and the line would only earn a warning.)
@@ -42,7 +49,7 @@ def nginx_config(listen: str, backend_port: int, run_dir: Path, allowed_origin: 
     text = TEMPLATE.read_text()
     for name, value in (
         ("@LISTEN@", listen),
-        ("@BACKEND_PORT@", str(backend_port)),
+        ("@BACKEND_SOCKET@", str(backend)),
         ("@RUN_DIR@", str(run_dir)),
         ("@MAX_BODY_BYTES@", str(limits.max_body_bytes)),
         ("@MAX_REQUESTS@", str(limits.max_requests)),
@@ -67,13 +74,34 @@ def nginx_binary() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def write_config(run_dir: Path, listen: str, backend_port: int, allowed_origin: str = "") -> Path:
+def write_config(run_dir: Path, listen: str, backend: Path, allowed_origin: str = "") -> Path:
     """The run's nginx.conf and the directories it names, under run_dir."""
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (run_dir / name).mkdir(parents=True, exist_ok=True)
     config = run_dir / "nginx.conf"
-    config.write_text(nginx_config(listen, backend_port, run_dir, allowed_origin))
+    config.write_text(nginx_config(listen, backend, run_dir, allowed_origin))
     return config
+
+
+def check_socket_path(path: Path) -> None:
+    """An absolute path nginx's configuration and TorchServe's inference_address can both name as it is (no
+    spaces, quotes or semicolons), short enough for a Unix socket's address (108 bytes with its final NUL)."""
+    if not path.is_absolute() or not re.fullmatch(r"[\w./+-]+", str(path)):
+        raise FrontError(f"{path}: the backend socket needs an absolute path of letters, digits and ./_+-")
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise FrontError(f"{path}: longer than a Unix socket's {SOCKET_PATH_MAX} bytes; use a shorter directory")
+
+
+def backend_socket(directory: Path) -> Path:
+    """Where TorchServe's inference API listens for nginx: a socket in `directory`, made (or tightened) to be
+    this user's alone, so nothing else on the machine or in the pod can reach TorchServe around nginx."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_uid != os.geteuid():
+        raise FrontError(f"{directory}: owned by uid {directory.stat().st_uid}, not by this user ({os.geteuid()})")
+    directory.chmod(0o700)
+    path = directory / BACKEND_SOCKET_NAME
+    check_socket_path(path)
+    return path
 
 
 def nginx_command(binary: str, config: Path) -> list[str]:
@@ -82,14 +110,15 @@ def nginx_command(binary: str, config: Path) -> list[str]:
     return [binary, "-p", str(config.parent), "-e", "stderr", "-c", str(config), "-g", "daemon off;"]
 
 
-def behind_front(properties: str, backend_port: int) -> tuple[str, str]:
-    """config.properties with TorchServe's inference API moved to 127.0.0.1:backend_port, and the HOST:PORT its
-    inference_address named, where nginx listens instead."""
+def behind_front(properties: str, backend: Path) -> tuple[str, str]:
+    """config.properties with TorchServe's inference API moved to the Unix socket `backend`, and the HOST:PORT
+    its inference_address named, where nginx listens instead."""
+    check_socket_path(backend)
     address = re.search(r"^inference_address=https?://(\S+:\d+)$", properties, flags=re.MULTILINE)
     if not address:
         raise FrontError("config.properties: expected one line inference_address=http://HOST:PORT")
     moved = (
         f"{properties[: address.start()]}# Moved by the launcher: nginx answers on {address[1]} "
-        f"(handler/front.py).\ninference_address=http://127.0.0.1:{backend_port}{properties[address.end() :]}"
+        f"(handler/front.py).\ninference_address=unix:{backend}{properties[address.end() :]}"
     )
     return moved, address[1]

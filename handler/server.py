@@ -51,14 +51,13 @@ class ServerError(RuntimeError):
 @dataclass(frozen=True)
 class Ports:
     """The listening ports; the defaults are those in handler/config.properties. Predictions and /ping go to
-    nginx on `inference`, which passes them to TorchServe's inference API on 127.0.0.1:`backend`."""
+    nginx on `inference`, which passes them to TorchServe's inference API on a Unix socket (Server.backend)."""
 
     inference: int = 8080
     management: int = 8081
     metrics: int = 8082
     grpc_inference: int = 7070
     grpc_management: int = 7071
-    backend: int = 8079
 
     @classmethod
     def free(cls) -> Ports:
@@ -127,6 +126,7 @@ class Server:
     log_dir: Path
     host: str = "127.0.0.1"
     front: subprocess.Popen | None = None  # nginx, in front of TorchServe's inference API
+    backend: Path | None = None  # the Unix socket of TorchServe's inference API, behind nginx
 
     def url(self, path: str = f"/predictions/{MODEL_NAME}", port: int | None = None) -> str:
         return f"http://{self.host}:{port or self.ports.inference}{path}"
@@ -213,13 +213,13 @@ def start_torchserve(
     run_dir = Path(tempfile.mkdtemp(prefix="torchserve-"))
     try:
         text = config_with_ports(ports, config) if ports != Ports() else config.read_text()
-        if front_on:
-            text, listen = front.behind_front(text, ports.backend)
+        # In run_dir, which mkdtemp made this user's alone (mode 700).
+        backend = front.backend_socket(run_dir) if front_on else None
+        if backend:
+            text, listen = front.behind_front(text, backend)
         config = run_dir / "config.properties"
         config.write_text(run_properties(text, allowed_origin))
-        front_config = (
-            front.write_config(run_dir / "nginx", listen, ports.backend, allowed_origin) if front_on else None
-        )
+        front_config = front.write_config(run_dir / "nginx", listen, backend, allowed_origin) if backend else None
         output = None if console else (log_dir / "console.log").open("ab")
         try:
             process = subprocess.Popen(
@@ -239,7 +239,7 @@ def start_torchserve(
         finally:
             if output:
                 output.close()
-        server = Server(process, ports, log_dir)
+        server = Server(process, ports, log_dir, backend=backend)
         try:
             server.front = start_front(front_config, log_dir) if front_config else None
             wait_until_ready(server, ready_timeout)

@@ -155,7 +155,6 @@ class Container:
         config.write_text(chart.config_properties)
         if host_network:
             config.write_text(config_with_ports(host_network, config))
-            env = {"BACKEND_PORT": str(host_network.backend), **(env or {})}
         config.chmod(0o644)
         flags = chart.run_flags(config, tmpfs_options, secrets)
         flags += ["--network=host"] if host_network else ["-p", "127.0.0.1::8080", "-p", "127.0.0.1::8082"]

@@ -67,7 +67,6 @@ def pod(tmp_path) -> Pod:
         "HOME": str(tmp_path / "home"),
         "READY_TIMEOUT": "240",
         "STOP_TIMEOUT": "20",
-        "BACKEND_PORT": str(ports.backend),
         "NGINX": nginx_binary(),  # as the image sets it
     }
     return Pod(tmp_path, ports, environment)

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import time
 import zipfile
@@ -89,7 +90,13 @@ def test_serves_a_registry_alias_and_stops_cleanly_on_sigterm(
             c.laddr.port: ipv4(c.laddr.ip) for c in java.net_connections("tcp") if c.status == psutil.CONN_LISTEN
         }
         assert listening[pod.ports.management] == "127.0.0.1"  # the management API never leaves the pod
-        assert listening[pod.ports.backend] == "127.0.0.1"  # TorchServe's inference API: only through nginx
+        # TorchServe's inference API: only through nginx, over a Unix socket in a directory only this user can
+        # enter; no TCP port, and nothing but Prometheus' metrics beyond loopback.
+        assert pod.ports.inference not in listening
+        assert all(ip == "127.0.0.1" for port, ip in listening.items() if port != pod.ports.metrics), listening
+        backend = pod.path("tmp") / "backend" / "inference.sock"
+        assert str(backend) in {c.laddr for c in java.net_connections("unix")}
+        assert stat.S_IMODE(backend.parent.stat().st_mode) == 0o700
         in_front = {
             c.laddr.port: ipv4(c.laddr.ip) for c in nginx.net_connections("tcp") if c.status == psutil.CONN_LISTEN
         }

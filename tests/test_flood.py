@@ -99,7 +99,7 @@ def test_a_body_over_the_limit_gets_413_and_never_a_reset(flooded, tmp_path, con
 
 
 def test_the_nginx_configuration_is_valid_and_names_its_limits(tmp_path):
-    config = write_config(tmp_path, "127.0.0.1:18080", 18079, "http://127.0.0.1:8088")
+    config = write_config(tmp_path, "127.0.0.1:18080", tmp_path / "inference.sock", "http://127.0.0.1:8088")
     done = subprocess.run(
         [nginx_binary(), "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(config)],
         capture_output=True,
@@ -112,7 +112,8 @@ def test_the_nginx_configuration_is_valid_and_names_its_limits(tmp_path):
     assert f"client_max_body_size {limits.max_body_bytes};" in text
     assert f"limit_conn all {limits.max_requests};" in text and f"limit_conn large {limits.max_large};" in text
     assert "add_header Access-Control-Allow-Origin http://127.0.0.1:8088 always;" in text
+    assert f"server unix:{tmp_path / 'inference.sock'};" in text  # TorchServe, over a Unix socket
     # TorchServe's max_request_size is the body limit nginx enforces.
     assert f"max_request_size={limits.max_body_bytes}" in (ROOT / "handler" / "config.properties").read_text()
     with pytest.raises(FrontError, match="HOST:PORT"):
-        nginx_config("8080", 18079, tmp_path)
+        nginx_config("8080", tmp_path / "inference.sock", tmp_path)

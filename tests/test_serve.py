@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -282,10 +283,16 @@ def listening_addresses(server: Server, port: int) -> set[ipaddress.IPv4Address 
 
 
 def test_management_and_inference_apis_listen_on_loopback_only(server):
-    # Management can load code; inference is reached only through nginx, which bounds what clients can hold.
-    for port in (server.ports.management, server.ports.backend):
-        addresses = listening_addresses(server, port)
-        assert addresses and all(address.is_loopback for address in addresses), port
+    # Management can load code: loopback only.
+    addresses = listening_addresses(server, server.ports.management)
+    assert addresses and all(address.is_loopback for address in addresses)
+    # Inference is reached only through nginx, which bounds what clients can hold: TorchServe's own inference API
+    # is a Unix socket in a directory only the server's user can enter, and no TCP port.
+    assert not listening_addresses(server, server.ports.inference)
+    sockets = {c.laddr for c in server.frontend().net_connections("unix")}
+    assert str(server.backend) in sockets and server.backend.is_socket()
+    assert stat.S_IMODE(server.backend.parent.stat().st_mode) == 0o700
+    assert server.backend.parent.stat().st_uid == os.geteuid()
     # What a public listener looks like (Prometheus' metrics port), so the check above can tell the two apart.
     metrics = listening_addresses(server, server.ports.metrics)
     assert any(address.is_unspecified for address in metrics)
@@ -302,9 +309,8 @@ def test_management_api_cannot_be_reached_through_a_network_address(server):
         pytest.skip("this machine has no network address besides loopback")
     with socket.create_connection((outward[0], server.ports.inference), timeout=5):
         pass  # the public API is reachable that way...
-    for port in (server.ports.management, server.ports.backend):  # ...the management API and TorchServe's own
-        with pytest.raises(ConnectionRefusedError):  # inference API are not
-            socket.create_connection((outward[0], port), timeout=5).close()
+    with pytest.raises(ConnectionRefusedError):  # ...the management API is not
+        socket.create_connection((outward[0], server.ports.management), timeout=5).close()
 
 
 def test_model_management_calls_are_refused(server, known):

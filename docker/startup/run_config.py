@@ -1,6 +1,6 @@
 """The config.properties TorchServe runs with: TORCHSERVE_CONFIG plus number_of_gpu and the project's metrics,
-refused when its management API would listen beyond loopback; its inference API moved to loopback, behind nginx,
-which listens where inference_address said (handler/front.py)."""
+refused when its management API would listen beyond loopback; its inference API moved to a Unix socket, behind
+nginx, which listens where inference_address said (handler/front.py)."""
 
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ def run_config(settings: Settings) -> tuple[str, dict[str, str]]:
     return text, props
 
 
-def write_run_config(settings: Settings) -> tuple[Path, dict[str, str], str]:
-    """The run's config.properties, written to TMPDIR (the image's own is read-only), its properties, and the
-    HOST:PORT nginx listens on in front of it."""
+def write_run_config(settings: Settings, backend: Path) -> tuple[Path, dict[str, str], str]:
+    """The run's config.properties, written to TMPDIR (the image's own is read-only), with the inference API on
+    the Unix socket `backend`; its properties, and the HOST:PORT nginx listens on in front of it."""
     text, _ = run_config(settings)
-    text, listen = behind_front(text, settings.backend_port)
+    text, listen = behind_front(text, backend)
     config = settings.tmp_dir / "config.properties"
     config.write_text(text)
     return config, properties(text), listen

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from handler.server import Ports
 from registry.environment import SettingsError, number, text
 from registry.names import VERSION_NAME
 from startup.report import StartupError
@@ -32,7 +31,6 @@ class Settings:
     ready_file: Path
     stop_timeout: float
     termination_log: Path
-    backend_port: int
 
 
 def settings_from(environ: Mapping[str, str]) -> Settings:
@@ -69,7 +67,6 @@ def checked_settings(environ: Mapping[str, str]) -> Settings:
         ready_file=Path(text(environ, "READY_FILE", str(tmp_dir / "mnist-serve-ready"))),
         stop_timeout=number(environ, "STOP_TIMEOUT", 25.0, least=1),
         termination_log=termination_log_from(environ),
-        backend_port=number(environ, "BACKEND_PORT", Ports().backend, int, least=1),
     )
 
 
