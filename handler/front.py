@@ -101,6 +101,9 @@ def backend_socket(directory: Path) -> Path:
     directory.chmod(0o700)
     path = directory / BACKEND_SOCKET_NAME
     check_socket_path(path)
+    # A socket left by the last run (the container's TMPDIR outlives a restart of it in the same pod) would make
+    # TorchServe's bind fail with "address already in use".
+    path.unlink(missing_ok=True)
     return path
 
 

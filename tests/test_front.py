@@ -30,6 +30,20 @@ def test_the_socket_directory_is_this_users_alone(tmp_path):
     assert stat.S_IMODE(backend_socket(tmp_path / "made" / "here").parent.stat().st_mode) == 0o700
 
 
+def test_a_socket_left_by_the_last_run_is_removed(tmp_path):
+    """The container's TMPDIR outlives a restart of the container: the next TorchServe must be able to bind."""
+    import socket as sockets
+
+    left = tmp_path / "backend" / BACKEND_SOCKET_NAME
+    left.parent.mkdir(mode=0o700)
+    with sockets.socket(sockets.AF_UNIX) as listener:
+        listener.bind(str(left))  # closed without unlink, as a killed server leaves it
+    assert left.exists()
+    assert backend_socket(left.parent) == left and not left.exists()
+    with sockets.socket(sockets.AF_UNIX) as again:
+        again.bind(str(left))
+
+
 def test_socket_paths_nginx_or_the_kernel_would_not_take_are_refused(tmp_path):
     for path, reason in (
         ("relative/inference.sock", "absolute path"),
