@@ -570,7 +570,8 @@ killed_rank() { # rank 1 killed mid-run: the Job fails, rank 1's log says so, an
   done
   # Its whole log, kept as it is written: the Job deletes the pods it stops.
   k logs --follow "$pod" >"$work/rank-1.log" 2>&1 &
-  background+=("$!")
+  local following=$!
+  background+=("$following")
   until grep -q "^rank 1 of 2: epoch 1/" "$work/rank-1.log"; do
     kill -0 "$training" 2>/dev/null || { cat "$OUT/killed-rank.log" "$work/rank-1.log" >&2; fail "the run ended before rank 1's first epoch"; }
     sleep 1
@@ -580,6 +581,9 @@ killed_rank() { # rank 1 killed mid-run: the Job fails, rank 1's log says so, an
   echo "killing rank 1 (pid $pid in $pod) after its first epoch"
   k exec "${pod#pod/}" -c train -- bash -c "kill -KILL $pid"
   wait "$training" || status=$?
+  # The Job may have failed on rank 0's error first: rank 1's log is whole once its container has ended (a minute
+  # at most: torchrun notices its process's death at once, and nothing signals it before that).
+  for _ in {1..60}; do kill -0 "$following" 2>/dev/null || break; sleep 1; done
   cp "$work/rank-1.log" "$OUT/killed-rank-1.log"
   figure train_cluster_exit "$status"
   ((status == 1)) || { cat "$OUT/killed-rank.log" >&2; fail "scripts/train-cluster.sh exited $status after a rank was killed, not 1"; }
@@ -587,7 +591,7 @@ killed_rank() { # rank 1 killed mid-run: the Job fails, rank 1's log says so, an
   # FailureTarget: the controller's decision, set before it has stopped the other rank (Failed comes after).
   condition="$(k get job "$TRAIN_RELEASE" -o jsonpath='{.status.conditions[?(@.type=="FailureTarget")].reason}')"
   figure_text job_failed_reason "$condition"
-  [[ "$condition" == PodFailurePolicy ]] || fail "the Job's Failed condition has reason '$condition', not PodFailurePolicy"
+  [[ "$condition" == PodFailurePolicy ]] || fail "the Job failed for the reason '$condition', not PodFailurePolicy"
   # torchrun's report in rank 1's pod names the rank and the signal.
   local report
   report="$(grep -E -A1 '^\s*rank\s*:\s*1 ' "$work/rank-1.log" | tr -s ' \n' ' ' || true)"
