@@ -273,9 +273,12 @@ def test_the_controls_are_labelled_and_reached_by_keyboard_with_visible_focus(dr
 def test_a_server_that_is_down_is_reported_and_the_page_recovers(
     draw_page, server: Server, archive, allowed_origin, known, tmp_path
 ):
-    """Last in the module: it stops the module's server, then starts another on the same ports."""
+    """Last in the module: it stops the module's server (TorchServe and nginx in front of it), then starts another
+    on the same ports."""
     images, labels = known
     stop(server.process)
+    if server.front:
+        stop(server.front)
     shown = draw_page.draw_and_read(images[2])
     print(f"\nthe page shows: {shown.error}")
     assert shown.error.startswith(f"Could not reach {server.url()}"), shown
