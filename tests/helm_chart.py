@@ -84,6 +84,13 @@ def render(helm: Path, *args: str, chart: Path = CHART, release: str = "mnist-se
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
 
 
+def refused(helm: Path, *args: str, chart: Path = CHART, release: str = "mnist-serve") -> str:
+    """helm's error for values the chart must refuse."""
+    done = run_helm(helm, "template", release, str(chart), "--kube-version", KUBE_VERSION, *args)
+    assert done.returncode != 0, f"helm accepted {args}"
+    return done.stderr
+
+
 def server_pod(objects: list[dict]) -> dict:
     """The stable Deployment's pod template (not the canary's)."""
     (deployment,) = [o for o in objects if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-canary")]

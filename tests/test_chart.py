@@ -10,25 +10,17 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, render, run_helm, server_pod, values_without_a_comment
+from helm_chart import CASES, CHART, KUBE_VERSION, ROOT, refused, render, run_helm, server_pod, values_without_a_comment
 
 from handler.server import cors_properties
 
 MANAGEMENT_PORT = 8081
 CRD_KINDS = {"ServiceMonitor", "HTTPRoute"}  # the Prometheus operator's, the Gateway API's: no built-in schema
 GPU_CASES = {"eks-gpu", "everything"}
-
-
-def refused(helm: Path, *args: str) -> str:
-    """helm's error for values the chart must refuse."""
-    done = run_helm(helm, "template", "mnist-serve", str(CHART), "--kube-version", KUBE_VERSION, *args)
-    assert done.returncode != 0, f"helm accepted {args}"
-    return done.stderr
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
