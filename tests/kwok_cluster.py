@@ -56,3 +56,12 @@ def scheduler_refusal(api, namespace: str, pod: client.V1Pod, timeout: float = 6
         assert time.monotonic() < deadline, pod.status
         time.sleep(1)
         pod = client.CoreV1Api(api).read_namespaced_pod(pod.metadata.name, namespace)
+
+
+def one_pod_per_gpu_node_and_one_pending(api, namespace: str, pods: list[client.V1Pod]) -> None:
+    """Three pods of one GPU each on the two one-GPU nodes: two run, one on each node, and the third stays Pending
+    with the scheduler saying why."""
+    assert sorted(pod.spec.node_name for pod in pods if pod.status.phase == "Running") == ["gpu-0", "gpu-1"]
+    (pending,) = [pod for pod in pods if pod.status.phase == "Pending"]
+    assert "Insufficient nvidia.com/gpu" in scheduler_refusal(api, namespace, pending)
+    assert not pending.spec.node_name

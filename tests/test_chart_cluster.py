@@ -21,7 +21,7 @@ from helm_chart import CHART, KUBE_VERSION
 from kubernetes import client, dynamic, watch
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.resource import ResourceList
-from kwok_cluster import scheduler_refusal
+from kwok_cluster import one_pod_per_gpu_node_and_one_pending, scheduler_refusal
 
 from training.config import cache_dir
 
@@ -140,10 +140,7 @@ def test_more_replicas_than_gpus_leaves_the_extra_pod_pending_for_a_gpu(helm, ku
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (3, 4)
 
     pods = wait_for_pods(api, namespace, "gpu", count=3, running=2)
-    assert sorted(pod.spec.node_name for pod in pods if pod.status.phase == "Running") == ["gpu-0", "gpu-1"]
-    (pending,) = [pod for pod in pods if pod.status.phase == "Pending"]
-    assert "Insufficient nvidia.com/gpu" in scheduler_refusal(api, namespace, pending)
-    assert not pending.spec.node_name
+    one_pod_per_gpu_node_and_one_pending(api, namespace, pods)
 
 
 def test_a_pod_asking_for_more_gpus_than_a_node_has_is_not_scheduled(helm, kubeconfig, api, namespace):  # noqa: F811

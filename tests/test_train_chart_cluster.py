@@ -18,7 +18,7 @@ import pytest
 from helm_chart import TRAIN_CHART
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from kwok_cluster import scheduler_refusal
+from kwok_cluster import one_pod_per_gpu_node_and_one_pending
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -266,10 +266,7 @@ def test_more_ranks_than_gpus_leave_the_extra_rank_pending_and_it_says_why(helm,
     done = helm_install(helm, kubeconfig, namespace, "gpu", *EKS_GPU, "--set", "ranks=3")
     assert done.returncode == 0, done.stderr
     pods = wait_for_pods(api, namespace, "gpu-mnist-train", count=3, running=2)
-    assert sorted(pod.spec.node_name for pod in pods if pod.status.phase == "Running") == ["gpu-0", "gpu-1"]
-    (pending,) = [pod for pod in pods if pod.status.phase == "Pending"]
-    assert "Insufficient nvidia.com/gpu" in scheduler_refusal(api, namespace, pending)
-    assert not pending.spec.node_name
+    one_pod_per_gpu_node_and_one_pending(api, namespace, pods)
 
 
 # --- the failure policy, as the real Job controller applies it ----------------------------------------------
