@@ -138,6 +138,12 @@ class Server:
             raise ServerError(f"TorchServe's Java frontend is not running{log_tail(self.log_dir)}")
         return javas[0]
 
+    def stop(self) -> None:
+        """TorchServe, then nginx in front of it: a nginx left running would hold the inference port."""
+        stop(self.process)
+        if self.front:
+            stop(self.front)
+
     def workers(self) -> list[psutil.Process]:
         """The Python worker processes (each runs the handler), children of the frontend."""
         workers = []
@@ -245,9 +251,7 @@ def start_torchserve(
             wait_until_ready(server, ready_timeout)
             yield server
         finally:
-            stop(process)
-            if server.front:
-                stop(server.front)
+            server.stop()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

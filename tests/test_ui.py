@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from strokes import digit_strokes
 
 from handler.mnist_handler import SHA256_SHOWN
-from handler.server import Server, ServerError, cors_properties, served_model_environment, start_torchserve, stop
+from handler.server import Server, ServerError, cors_properties, served_model_environment, start_torchserve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -276,9 +276,7 @@ def test_a_server_that_is_down_is_reported_and_the_page_recovers(
     """Last in the module: it stops the module's server (TorchServe and nginx in front of it), then starts another
     on the same ports."""
     images, labels = known
-    stop(server.process)
-    if server.front:
-        stop(server.front)
+    server.stop()
     shown = draw_page.draw_and_read(images[2])
     print(f"\nthe page shows: {shown.error}")
     assert shown.error.startswith(f"Could not reach {server.url()}"), shown
