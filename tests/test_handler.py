@@ -195,6 +195,41 @@ def test_a_png_gets_the_digit_its_confidence_and_all_ten_probabilities(tiny):
     assert context.metrics.times == ["HandlerTime"]  # BaseHandle.handle ran its course
 
 
+def test_a_batch_runs_the_copy_made_for_batches_and_answers_as_the_saved_model_does(tiny, monkeypatch):
+    handler, context = tiny
+    # The copy for batches runs its convolutions in oneDNN's layout; the lone-image model as saved.
+    assert "mkldnn_convolution" in str(handler.batched_model.graph)
+    assert "mkldnn" not in str(handler.model.graph)
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 28, 28), dtype=np.float32)
+    with torch.inference_mode():
+        expected = torch.softmax(handler.model(torch.from_numpy(images).unsqueeze(1)), dim=1).numpy()
+    assert np.allclose(handler.classify(images), expected, atol=1e-6)
+    assert np.allclose(handler.classify(images[:1]), expected[:1], atol=1e-6)
+    assert handler.classify(images[:0]).shape == (0, 10)
+    # Which model ran: a batch of two already goes to the copy, a lone image never does.
+    monkeypatch.setattr(handler, "batched_model", lambda pixels: torch.zeros(len(pixels), 10))
+    assert np.allclose(handler.classify(images[:2]), 0.1)
+    assert np.allclose(handler.classify(images[:1]), expected[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rewrite, says",
+    [
+        (lambda module: torch.jit.script(FiveClasses()), "answers differently"),
+        (lambda module: (_ for _ in ()).throw(RuntimeError("unsupported op")), "failed: unsupported op"),
+    ],
+)
+def test_batches_use_the_model_as_saved_when_its_optimised_copy_cannot_be_trusted(
+    tmp_path, monkeypatch, caplog, rewrite, says
+):
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", rewrite)
+    with caplog.at_level("WARNING"):
+        handler, _ = loaded(tmp_path)
+    assert handler.batched_model is handler.model
+    assert "batches use the model as saved; " in caplog.text and says in caplog.text
+
+
 def test_answers_and_headers_name_the_model_the_server_was_started_with(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVED_MODEL_VERSION", "7")
     monkeypatch.setenv("SERVED_MODEL_SHA256", "0560663d9a3b" + "0" * 52)
