@@ -1,10 +1,12 @@
 """Benchmark the served model with wrk beside its peer, KServe's model server running the same model with the
-same decoding, and beside the model in-process; print the figures, the server CPU per request and the targets."""
+same decoding, beside the server as it was before nginx went in front, and beside the model in-process; print the
+figures, the server CPU per request and the targets."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -13,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import threading
 import time
@@ -29,7 +32,7 @@ import torch
 from handler import inputs
 from handler.archive import MODEL_CONFIG, MODEL_NAME
 from handler.client import encoded
-from handler.mnist_handler import answer
+from handler.mnist_handler import answer, load_models
 from handler.server import CONFIG, DEFAULT_ARCHIVE, Ports, Server, start_torchserve, stop
 from registry.model_archive import manifest_of
 
@@ -48,6 +51,10 @@ TARGET_LONE_RPS = 600
 TARGET_LONE_CPU_MS = 1.5
 TARGET_OVER_PEER = 2.0
 KSERVE_VERSION = "0.21.0"  # scripts/kserve.lock
+# The serving stack before nginx went in front of TorchServe: its handler served by TorchServe alone. Throughput
+# with nginx must stay within 5 % of it.
+BEFORE_NGINX = "f4260e4"
+TARGET_KEPT = 0.95
 # TorchServe's stock MNIST example on this kind of machine (shared/infra-recipes.md), for scale.
 STOCK_EXAMPLE = "stock TorchServe MNIST example: 70 req/s at 16 connections, p99 476 ms"
 
@@ -166,6 +173,27 @@ def in_process_rates(
         json.dumps(answer(probabilities[0]))
 
     return rate(forward, tensors, seconds), rate(whole_path, pngs, seconds)
+
+
+def batch_rates(model: Path, images: np.ndarray, sizes: tuple[int, ...], seconds: float) -> list[tuple[float, float]]:
+    """Images per second on one thread at each batch size: the model as saved, and the copy the handler runs
+    batches through (mnist_handler.load_models)."""
+    torch.set_num_threads(1)
+    modules = load_models(str(model), torch.device("cpu"))
+    pixels = torch.from_numpy(images.copy()).unsqueeze(1)
+
+    def images_per_second(module: torch.jit.ScriptModule, size: int) -> float:
+        def forward(batch: torch.Tensor) -> None:
+            with torch.inference_mode():
+                module(batch)
+
+        return size * rate(forward, list(pixels.split(size)), seconds)
+
+    return [tuple(images_per_second(module, size) for module in modules) for size in sizes]
+
+
+def figures(rates: tuple[float, ...]) -> str:
+    return " / ".join(f"{rate:,.0f}" for rate in rates)
 
 
 def run_wrk(url: str, files: list[Path], connections: int, seconds: float) -> Level:
@@ -322,6 +350,29 @@ def null_archive(directory: Path) -> Path:
     return store / f"{MODEL_NAME}.mar"
 
 
+def archive_at(revision: str, model: Path, directory: Path) -> Path:
+    """`model` packed with the handler of an earlier commit, by that commit's own handler/archive.py: the
+    server as it was then, to measure today's against."""
+    exported = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "handler"], capture_output=True)
+    if exported.returncode != 0:
+        raise RuntimeError(
+            f"--baseline {revision}: not in this checkout's history ({exported.stderr.decode().strip()}); "
+            "measure from a full clone"
+        )
+    tree = directory / f"handler-{revision}"
+    with tarfile.open(fileobj=io.BytesIO(exported.stdout)) as files:
+        files.extractall(tree, filter="data")
+    store = directory / f"store-{revision}"
+    # Run from the exported tree, so `handler` is that commit's package, not today's.
+    subprocess.run(
+        [sys.executable, "-m", "handler.archive", "--model", str(model), "--version", revision, "--out", str(store)],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
+    return store / f"{MODEL_NAME}.mar"
+
+
 def jvm_heap(config: Path = CONFIG) -> str:
     for line in config.read_text().splitlines():
         if line.startswith("vmargs="):
@@ -345,12 +396,14 @@ def warm_up(url: str, files: list[Path], connections: int, seconds: float) -> No
     run_wrk(url, files, 1, min(3, seconds))
 
 
-def measure_side_by_side(contenders: list[Contender], files: list[Path], levels: list[int], seconds: float) -> None:
-    """Each level for each contender, two rounds in opposite order, so a drift of the machine
-    during the run (another process, a warmer cache) falls on both alike."""
+def measure_side_by_side(
+    contenders: list[Contender], files: list[Path], levels: list[int], seconds: float, rounds: int = 2
+) -> None:
+    """Each level for each contender, in rounds of alternating order, so a drift of the machine
+    during the run (another process, a warmer cache) falls on all alike."""
     for contender in contenders:  # JIT and caches warm, for every server alike
         warm_up(contender.url, files, max(levels), seconds)
-    for order in (contenders, contenders[::-1]):
+    for order in (contenders if round_ % 2 == 0 else contenders[::-1] for round_ in range(rounds)):
         for connections in levels:
             for contender in order:
                 level = contender.measure(files, connections, seconds)
@@ -361,15 +414,17 @@ def measure_side_by_side(contenders: list[Contender], files: list[Path], levels:
                 )
 
 
-def print_table(ours: Contender, peer: Contender, levels: list[int], alone: Contender) -> None:
+def print_table(contenders: list[Contender], levels: list[int]) -> None:
+    """Every contender at every level; ours first and the peer last."""
+    ours, peer = contenders[0], contenders[-1]
     print()
-    print("mean of the two rounds (req/s: round 1 / round 2)")
+    print("mean of the rounds (req/s: round 1 / round 2 / ...)")
     print(
         f"{'connections':>11}  {'server':<34} {'req/s':>15}  {'p50 ms':>6}  {'p99 ms':>6}  {'CPU ms/req':>10}  "
         f"{'errors':>6}"
     )
     for connections in levels:
-        for contender in (ours, alone, peer):
+        for contender in contenders:
             rounds = " / ".join(f"{level.rate:,.0f}" for level in contender.levels[connections])
             errors = sum(level.errors for level in contender.levels[connections])
             p50, p99, cpu = (contender.mean(connections, figure) for figure in ("p50_ms", "p99_ms", "cpu_ms"))
@@ -439,9 +494,24 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-workers", type=int, default=2, help="KServe worker processes (default: %(default)s, as many as ours)"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds over all servers and levels, in alternating order (default: %(default)s); more rounds of fewer "
+        "seconds average out a machine whose speed drifts",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=BEFORE_NGINX,
+        help="the commit whose handler, served by TorchServe alone, is the stack to keep within 5%% of "
+        "(default: %(default)s, the last one before nginx went in front)",
+    )
+    parser.add_argument(
         "--logs", type=Path, default=Path("artifacts/logs/bench"), help="the servers' logs (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     if not shutil.which("wrk"):
         print("error: wrk is not installed; scripts/with-wrk.sh installs it (apt-get install wrk)", file=sys.stderr)
         return 1
@@ -457,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         forward_rate, path_rate = in_process_rates(
             load_model(args.archive, Path(tmp)), images, pngs, min(args.seconds, 10)
         )
+        sizes = (1, 8, 32)
+        saved, batched = zip(*batch_rates(model, images, sizes, min(args.seconds, 3)), strict=True)
+        print(
+            f"in-process, 1 thread, img/s at batch {' / '.join(map(str, sizes))}: the model as saved "
+            f"{figures(saved)}; the worker's copy for batches {figures(batched)}"
+        )
         print(
             f"in-process, batch 1, 1 thread: model {forward_rate:,.0f} img/s; "
             f"decode PNG + model + answer JSON {path_rate:,.0f} img/s ({1e6 / path_rate:.0f} us each)"
@@ -470,24 +546,29 @@ def main(argv: list[str] | None = None) -> int:
             f"TorchServe alone (a no-op handler, our batch settings), 1 connection: {lone.rate:,.0f} req/s, "
             f"p50 {lone.p50_ms:.2f} ms, CPU {lone.cpu_ms:.2f} ms/request: the floor under any handler"
         )
+        baseline = archive_at(args.baseline, model, Path(tmp))
         print("side by side, same model, same decoding, same 100 real test digits as image/png bodies:")
         with (
             start_torchserve(args.archive, args.logs, Ports.free()) as server,
+            start_torchserve(baseline, args.logs / "before-nginx", Ports.free(), front_on=False) as before_server,
             start_torchserve(args.archive, args.logs / "without-nginx", Ports.free(), front_on=False) as bare,
             kserve_peer(model, args.peer_workers, args.logs / "kserve.log") as peer,
         ):
             ours = Contender("ours (nginx + TorchServe 0.12)", server.url(), processes_of(server))
+            before = Contender(f"before nginx ({args.baseline})", before_server.url(), processes_of(before_server))
             alone = Contender("TorchServe alone, no nginx", bare.url(), processes_of(bare))
             with MemoryPeaks(server) as memory:
-                measure_side_by_side([ours, alone, peer], files, args.connections, args.seconds)
+                measure_side_by_side([ours, before, alone, peer], files, args.connections, args.seconds, args.rounds)
     print(f"after:  {load_line()}")
-    print_table(ours, peer, args.connections, alone)
+    print_table([ours, before, alone, peer], args.connections)
     print_targets(ours, peer, forward_rate, args.connections)
     for connections in args.connections:
-        kept = ours.mean(connections, "rate") / alone.mean(connections, "rate")
+        kept = ours.mean(connections, "rate") / before.mean(connections, "rate")
+        nginx_share = ours.mean(connections, "rate") / alone.mean(connections, "rate")
         print(
-            f"nginx in front, {connections} connections: {kept:.1%} of TorchServe alone's req/s "
-            f"(target >= 95%: {verdict(kept >= 0.95)})"
+            f"{connections} connections: {kept:.1%} of the req/s before nginx ({args.baseline}) "
+            f"(target >= {TARGET_KEPT:.0%}: {verdict(kept >= TARGET_KEPT)}); "
+            f"{nginx_share:.1%} of today's handler without nginx"
         )
     print()
     print(f"our peak resident memory under load (JVM heap {jvm_heap()}):")

@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
 from reference_model import reference_model_dir
 
-from bench.serve import kserve_peer
+from bench.serve import BEFORE_NGINX, archive_at, kserve_peer
 from handler.client import encoded, post
 from handler.server import Ports, start_torchserve
 
@@ -41,6 +42,21 @@ def test_the_peer_answers_every_digit_exactly_as_we_do(archive, mnist, tmp_path)
     assert sum(answer["digit"] == label for answer, label in zip(theirs, mnist.test_labels[:40], strict=True)) >= 39
 
 
+def test_the_baseline_is_the_model_packed_with_that_commits_handler(tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes((reference_model_dir() / "model.pt").read_bytes())
+    archive = archive_at(BEFORE_NGINX, model, tmp_path)
+    then = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{BEFORE_NGINX}:handler/mnist_handler.py"], capture_output=True, check=True
+    ).stdout
+    with zipfile.ZipFile(archive) as mar:
+        assert mar.read("mnist_handler.py") == then
+        assert mar.read("model.pt") == model.read_bytes()
+    assert then != (ROOT / "handler" / "mnist_handler.py").read_bytes()  # a different server from today's
+    with pytest.raises(RuntimeError, match="not in this checkout's history"):
+        archive_at("0" * 40, model, tmp_path)
+
+
 def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archive, tmp_path):
     done = subprocess.run(
         [
@@ -66,15 +82,23 @@ def test_the_report_sets_ours_and_the_peer_side_by_side_beside_the_targets(archi
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    servers = ["ours (nginx + TorchServe 0.12)", "TorchServe alone, no nginx", "KServe 0.21.0, 1 worker"]
+    servers = [
+        "ours (nginx + TorchServe 0.12)",
+        "before nginx (f4260e4)",
+        "TorchServe alone, no nginx",
+        "KServe 0.21.0, 1 worker",
+    ]
     for connections in (1, 4):
         rows = [line for line in lines if line.strip().startswith(f"{connections}  ")]
         named = [next((server for server in servers if server in row), row) for row in rows]
-        assert named == servers, lines  # all three, in that order
-        kept = next(line for line in lines if line.startswith(f"nginx in front, {connections} connections: "))
-        assert "of TorchServe alone's req/s (target >= 95%: " in kept and kept.endswith(("met)", "MISSED)")), kept
+        assert named == servers, lines  # all four, in that order
+        kept = next(line for line in lines if line.startswith(f"{connections} connections: "))
+        assert "of the req/s before nginx (f4260e4) (target >= 95%: " in kept, kept
+        assert "met); " in kept or "MISSED); " in kept, kept
     assert sum("ours / peer" in line for line in lines) == 2
     assert any(line.startswith("TorchServe alone (a no-op handler") for line in lines)
+    [batches] = [line for line in lines if line.startswith("in-process, 1 thread, img/s at batch 1 / 8 / 32: ")]
+    assert "the model as saved " in batches and "; the worker's copy for batches " in batches
     for target in ("p50 <= 1.5 ms", ">= 600 req/s", "CPU <= 1.5 ms/request", ">= 2 x the peer's req/s", "p99 <= 50 ms"):
         line = next(line for line in lines if target in line)
         assert line.rstrip().endswith(("met", "MISSED")), line
