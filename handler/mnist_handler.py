@@ -130,7 +130,7 @@ class MnistHandler(BaseHandler):
 def load_models(path: str, device: torch.device) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
     """The TorchScript model as saved, for a lone image, and the one for batches: on the CPU, a second copy
     rewritten by torch.jit.optimize_for_inference to run its convolutions in oneDNN's blocked layout. On one
-    thread that copy runs a batch of 32 digits about 2.7 x faster, but a lone digit 2 x slower, since each call
+    thread that copy runs a batch of 32 digits about 3 x faster, but a lone digit 2 x slower, since each call
     converts its input and output (docs/benchmarks.md, "The model in a worker"). On a GPU, or when the copy
     cannot be made or answers differently, the one model."""
     with warnings.catch_warnings():
