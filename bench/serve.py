@@ -425,7 +425,7 @@ def print_table(contenders: list[Contender], levels: list[int]) -> None:
     )
     for connections in levels:
         for contender in contenders:
-            rounds = " / ".join(f"{level.rate:,.0f}" for level in contender.levels[connections])
+            rounds = figures(tuple(level.rate for level in contender.levels[connections]))
             errors = sum(level.errors for level in contender.levels[connections])
             p50, p99, cpu = (contender.mean(connections, figure) for figure in ("p50_ms", "p99_ms", "cpu_ms"))
             print(
