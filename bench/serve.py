@@ -564,11 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     print_targets(ours, peer, forward_rate, args.connections)
     for connections in args.connections:
         kept = ours.mean(connections, "rate") / before.mean(connections, "rate")
+        # Each round measured both within seconds of each other: the spread of their ratio is the noise.
+        per_round = [a.rate / b.rate for a, b in zip(ours.levels[connections], before.levels[connections], strict=True)]
         nginx_share = ours.mean(connections, "rate") / alone.mean(connections, "rate")
         print(
             f"{connections} connections: {kept:.1%} of the req/s before nginx ({args.baseline}) "
-            f"(target >= {TARGET_KEPT:.0%}: {verdict(kept >= TARGET_KEPT)}); "
-            f"{nginx_share:.1%} of today's handler without nginx"
+            f"(target >= {TARGET_KEPT:.0%}: {verdict(kept >= TARGET_KEPT)}; rounds {min(per_round):.0%} to "
+            f"{max(per_round):.0%}); {nginx_share:.1%} of today's handler without nginx"
         )
     print()
     print(f"our peak resident memory under load (JVM heap {jvm_heap()}):")
