@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     print_targets(ours, peer, forward_rate, args.connections)
     for connections in args.connections:
         kept = ours.mean(connections, "rate") / before.mean(connections, "rate")
-        # Each round measured both within seconds of each other: the spread of their ratio is the noise.
+        # Each round measures both seconds apart, so the spread of their ratio shows how much one round can be off.
         per_round = [a.rate / b.rate for a, b in zip(ours.levels[connections], before.levels[connections], strict=True)]
         nginx_share = ours.mean(connections, "rate") / alone.mean(connections, "rate")
         print(
